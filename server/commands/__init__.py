@@ -1,0 +1,1 @@
+"""`fedmri` subcommands; each module has HELP, add_arguments(parser) and run(args)."""

@@ -1,0 +1,1 @@
+"""Code shared by the Flower apps, the API and the CLI: data, model, metrics, training."""

@@ -1,0 +1,180 @@
+"""Site datasets in the Medical Segmentation Decathlon layout, and the MONAI transform chains.
+
+Any folder with ``imagesTr/ labelsTr/`` (and optionally ``imagesTs/ labelsTs/``) of NIfTI
+files works; images and labels are paired by file name, so no ``dataset.json`` is needed. Intensities are left untouched by default: removing each scanner's (s, b) is the
+network's job (instance norm). Nothing before the network may insert zeros, so padding is
+replicate/border everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from shared.errors import InvalidSiteError, InvalidVolumeError
+from shared.io import check_image_header, is_nifti_path, load_nifti
+
+__all__ = ["DataConfig", "find_cases", "validate_cases", "split_train_val", "preprocess_transforms",
+           "train_transforms", "make_train_loader", "make_eval_dataset"]
+
+NUM_CLASSES = 4
+
+
+@dataclass
+class DataConfig:
+    """Preprocessing and sampling settings shared by training, evaluation and inference.
+
+    Args:
+        spacing: target voxel size in mm (volumes are resampled to it).
+        roi_size: training crop and sliding-window size in voxels.
+        batch_size: crops per optimisation step.
+        samples_per_volume: random crops drawn from each loaded volume.
+        zscore: z-score each input volume (off by default; an ablation option).
+        val_fraction: share of a site's training cases held out for federated validation.
+        cache: keep preprocessed volumes in memory (MONAI ``CacheDataset``).
+    """
+
+    spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
+    roi_size: tuple[int, int, int] = (64, 64, 64)
+    batch_size: int = 2
+    samples_per_volume: int = 2
+    zscore: bool = False
+    val_fraction: float = 0.25
+    cache: bool = True
+    crop_ratios: tuple[float, ...] = field(default=(1.0, 1.0, 1.0, 2.0))
+
+    def __post_init__(self) -> None:
+        self.spacing = tuple(float(v) for v in self.spacing)
+        self.roi_size = tuple(int(v) for v in self.roi_size)
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise ValueError(f"spacing must be three positive numbers, got {self.spacing}")
+        if len(self.roi_size) != 3 or min(self.roi_size) < 8:
+            raise ValueError(f"roi_size must be three integers >= 8, got {self.roi_size}")
+        if self.batch_size < 1 or self.samples_per_volume < 1:
+            raise ValueError("batch_size and samples_per_volume must be >= 1")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+def _case_name(path: Path) -> str:
+    name = path.name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
+
+
+def find_cases(site_dir: str | Path, split: str = "train") -> list[dict[str, str]]:
+    """List ``{"image", "label", "name"}`` cases of a site folder for ``split`` ("train" or "test").
+
+    Raises:
+        InvalidSiteError: folder missing or empty, or an image without a label (names the file).
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    site = Path(site_dir)
+    if not site.is_dir():
+        raise InvalidSiteError(f"site folder not found: {site}")
+    tag = "Tr" if split == "train" else "Ts"
+    images_dir, labels_dir = site / f"images{tag}", site / f"labels{tag}"
+    images = sorted(p for p in images_dir.glob("*") if p.is_file() and not p.name.startswith(".")) if images_dir.is_dir() else []
+    if not images:
+        raise InvalidSiteError(f"{site}: no images in images{tag}/ (expected the Decathlon layout imagesTr/ labelsTr/)")
+    cases = []
+    for image in images:
+        if not is_nifti_path(image):
+            raise InvalidSiteError(f"{image}: not a NIfTI file (expected .nii or .nii.gz)")
+        label = labels_dir / image.name
+        if not label.is_file():
+            raise InvalidSiteError(f"{image}: no label file {label.name} in labels{tag}/")
+        cases.append({"image": str(image), "label": str(label), "name": _case_name(image)})
+    return cases
+
+
+def validate_cases(cases: list[dict[str, str]]) -> None:
+    """Check each pair from headers only: readable NIfTI, 3-D, same shape and affine for image and label."""
+    for case in cases:
+        headers = {}
+        for key in ("image", "label"):
+            try:
+                img = load_nifti(case[key], source=case[key])
+                headers[key] = (check_image_header(img, source=case[key]), img.affine)
+            except InvalidVolumeError as exc:
+                raise InvalidSiteError(str(exc)) from None
+        (shape_i, aff_i), (shape_l, aff_l) = headers["image"], headers["label"]
+        if shape_i != shape_l:
+            raise InvalidSiteError(f"{case['label']}: label shape {shape_l} does not match image shape {shape_i}")
+        if not np.allclose(aff_i, aff_l, atol=1e-3):
+            raise InvalidSiteError(f"{case['label']}: label affine does not match the image affine")
+
+
+def split_train_val(cases: list[dict], val_fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Deterministic split of a site's training cases; keeps at least one case on each side when possible."""
+    if len(cases) < 2 or val_fraction <= 0:
+        return list(cases), list(cases[:0])
+    order = np.random.default_rng(seed).permutation(len(cases))
+    n_val = min(len(cases) - 1, max(1, round(val_fraction * len(cases))))
+    val = [cases[i] for i in sorted(order[:n_val])]
+    train = [cases[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def preprocess_transforms(cfg: DataConfig, keys: tuple[str, ...] = ("image", "label")) -> list:
+    """Load, channel-first, RAS orientation, resample to ``cfg.spacing``; border padding, no zeros added."""
+    from monai import transforms as mt
+
+    modes = tuple("bilinear" if k == "image" else "nearest" for k in keys)
+    chain = [
+        mt.LoadImaged(keys=keys, image_only=False),
+        mt.EnsureChannelFirstd(keys=keys),
+        mt.Orientationd(keys=keys, axcodes="RAS", labels=None),
+        mt.Spacingd(keys=keys, pixdim=cfg.spacing, mode=modes, padding_mode="border"),
+        mt.EnsureTyped(keys="image", dtype=np.float32),
+    ]
+    if cfg.zscore:
+        chain.append(mt.NormalizeIntensityd(keys="image"))
+    return chain
+
+
+def train_transforms(cfg: DataConfig):
+    from monai import transforms as mt
+
+    return mt.Compose(
+        preprocess_transforms(cfg)
+        + [
+            mt.SpatialPadd(keys=("image", "label"), spatial_size=cfg.roi_size, mode="replicate"),
+            mt.RandCropByLabelClassesd(
+                keys=("image", "label"),
+                label_key="label",
+                spatial_size=cfg.roi_size,
+                num_classes=NUM_CLASSES,
+                ratios=list(cfg.crop_ratios),
+                num_samples=cfg.samples_per_volume,
+                warn=False,
+            ),
+            mt.RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=0),
+        ]
+    )
+
+
+def make_train_loader(cases: list[dict], cfg: DataConfig, seed: int = 0):
+    """A shuffling MONAI DataLoader of random labelled crops."""
+    import monai.data as md
+
+    if not cases:
+        raise InvalidSiteError("no training cases")
+    transform = train_transforms(cfg)
+    transform.set_random_state(seed=seed)
+    data = [{"image": c["image"], "label": c["label"]} for c in cases]
+    ds = md.CacheDataset(data, transform, cache_rate=1.0, num_workers=0, progress=False) if cfg.cache else md.Dataset(data, transform)
+    generator = __import__("torch").Generator().manual_seed(seed)
+    return md.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0, generator=generator)
+
+
+def make_eval_dataset(cases: list[dict], cfg: DataConfig):
+    """Whole preprocessed volumes (image and label), one per case, for sliding-window evaluation."""
+    import monai.data as md
+    from monai import transforms as mt
+
+    data = [{"image": c["image"], "label": c["label"], "name": c.get("name", "")} for c in cases]
+    transform = mt.Compose(preprocess_transforms(cfg))
+    return md.CacheDataset(data, transform, cache_rate=1.0, num_workers=0, progress=False) if cfg.cache else md.Dataset(data, transform)
