@@ -74,10 +74,19 @@ DEMO_SITES: tuple[SiteSpec, ...] = (
 
 
 @lru_cache(maxsize=4)
-def mni_template(resolution: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The MNI152 2009a T1 (scaled to [0, 1]), GM and WM probability maps and their affine."""
-    if resolution not in (1, 2):
-        raise ValueError(f"resolution must be 1 or 2 (mm), got {resolution}")
+def mni_template(resolution: float = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The MNI152 2009a T1 (scaled to [0, 1]), GM and WM probability maps and their affine.
+
+    1 and 2 mm come from nilearn; coarser grids (e.g. 4 mm for fast tests) are resampled from 2 mm.
+    """
+    if resolution not in (1, 2) and not resolution > 2:
+        raise ValueError(f"resolution must be 1, 2 or > 2 (mm), got {resolution}")
+    if resolution > 2:
+        t1, gm, wm, affine = mni_template(2)
+        spacing = (float(resolution),) * 3
+        t1_r, _, new_affine = resample_to_spacing(t1, t1 > 0, affine, spacing)
+        gm_r, wm_r = (resample_to_spacing(v, v > 0, affine, spacing)[0] for v in (gm, wm))
+        return t1_r, gm_r, wm_r, new_affine
     from nilearn import datasets  # imported lazily: slow, and only the generator needs it
 
     t1 = datasets.load_mni152_template(resolution=resolution)
@@ -142,12 +151,12 @@ def _add_lesion(
     return signal, label
 
 
-def synthesize_subject(seed: int, resolution: int = 2, lesion_probability: float = 0.5) -> Subject:
+def synthesize_subject(seed: int, resolution: float = 2, lesion_probability: float = 0.5) -> Subject:
     """Make one subject, deterministic from ``seed``.
 
     Args:
         seed: random seed; the same seed gives the same subject.
-        resolution: template resolution in mm (1 or 2).
+        resolution: template resolution in mm (1, 2, or coarser for quick tests).
         lesion_probability: chance that this subject has a lesion (label 3).
     """
     if not 0 <= lesion_probability <= 1:
@@ -198,7 +207,7 @@ def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 
 def generate_site(
-    out_dir: str | Path, spec: SiteSpec, seed: int = 0, resolution: int = 2, lesion_probability: float = 0.5
+    out_dir: str | Path, spec: SiteSpec, seed: int = 0, resolution: float = 2, lesion_probability: float = 0.5
 ) -> Path:
     """Write one site in the Medical Segmentation Decathlon layout; returns the site folder.
 
@@ -242,7 +251,7 @@ def generate_sites(
     out_dir: str | Path,
     sites: tuple[SiteSpec, ...] = DEMO_SITES,
     seed: int = 0,
-    resolution: int = 2,
+    resolution: float = 2,
     lesion_probability: float = 0.5,
 ) -> list[Path]:
     """Write every site of ``sites`` under ``out_dir``."""
