@@ -29,7 +29,8 @@ class DataConfig:
     Args:
         spacing: target voxel size in mm (volumes are resampled to it).
         roi_size: training crop and sliding-window size in voxels.
-        batch_size: crops per optimisation step.
+        batch_size: volumes per optimisation step; each contributes ``samples_per_volume``
+            crops, so a step sees ``batch_size * samples_per_volume`` crops.
         samples_per_volume: random crops drawn from each loaded volume.
         zscore: z-score each input volume (off by default; an ablation option).
         val_fraction: share of a site's training cases held out for federated validation.

@@ -1,0 +1,1 @@
+"""fedmri ClientApp package (loaded by Flower as ``client.app:app``)."""

@@ -1,0 +1,128 @@
+"""fedmri ClientApp: one hospital trains and evaluates the global model on its own data.
+
+The site comes from the SuperNode's node config (``site="hospital-a" data-dir="/abs/path"``) in
+a deployment, or from ``sites[partition-id]`` under the run config's ``data-dir`` in simulation.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from shared.data import DataConfig, make_train_loader
+from shared.errors import InvalidSiteError
+from shared.fedconfig import FederationConfig, split_norm_state
+from shared.model import build_unet, norm_parameter_names
+from shared.training import evaluate, load_site, train_epochs
+
+app = ClientApp()
+
+LOCAL_NORM_KEY = "fedbn-local-norm"
+
+
+def _site_of(context: Context, cfg: FederationConfig) -> tuple[str, Path]:
+    """This node's site name and data folder."""
+    node = context.node_config
+    if "data-dir" in node:
+        data_dir = Path(str(node["data-dir"]))
+        return str(node.get("site", data_dir.name)), data_dir
+    if "partition-id" not in node:
+        raise InvalidSiteError("node config has neither data-dir (deployment) nor partition-id (simulation)")
+    pid, n = int(node["partition-id"]), int(node.get("num-partitions", 0))
+    if not cfg.data_dir or not cfg.sites:
+        raise InvalidSiteError("simulation needs run config 'data-dir' and 'sites'")
+    if n != len(cfg.sites):
+        raise InvalidSiteError(f"{n} virtual nodes but {len(cfg.sites)} sites in run config 'sites'")
+    return cfg.sites[pid], Path(cfg.data_dir) / cfg.sites[pid]
+
+
+@lru_cache(maxsize=4)
+def _site_data(data_dir: str, data_cfg: tuple, seed: int):
+    """Validated split and a cached loader; reused while a simulation actor serves the same site."""
+    cfg = DataConfig(**dict(data_cfg))
+    split = load_site(data_dir, cfg, seed=seed)
+    return split, make_train_loader(split.train, cfg, seed=seed)
+
+
+def _load(context: Context, msg: Message):
+    cfg = FederationConfig.from_run_config(context.run_config)
+    site, data_dir = _site_of(context, cfg)
+    data_cfg = cfg.data_config()
+    try:
+        split, loader = _site_data(str(data_dir), tuple(sorted((k, v) for k, v in vars(data_cfg).items())), cfg.seed)
+    except InvalidSiteError as exc:
+        raise InvalidSiteError(f"site {site}: {exc}") from None
+    torch.manual_seed(cfg.seed)  # same initial norm layers at every site
+    model = build_unet(cfg.model_config())
+    _apply_global(model, msg.content["arrays"].to_torch_state_dict(), context, cfg)
+    return cfg, site, split, loader, model
+
+
+def _apply_global(model: torch.nn.Module, state: dict, context: Context, cfg: FederationConfig) -> None:
+    """Load the global weights; under FedBN the site's own normalisation layers are put back."""
+    norm_keys = norm_parameter_names(model)
+    if cfg.fedbn and LOCAL_NORM_KEY in context.state:
+        state = {**state, **context.state[LOCAL_NORM_KEY].to_torch_state_dict()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # FedBN's first round may lack norm keys (nothing local yet); anything else is a mismatch.
+    if unexpected or (set(missing) - (norm_keys if cfg.fedbn else set())):
+        raise ValueError(f"global model does not match this network: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+
+
+def _corrupt(state: dict, kind: str) -> dict:
+    """Fault drill: a NaN, Inf or wrongly shaped update (run config ``fault-inject``)."""
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    bad = state[key].clone()
+    if kind == "shape":
+        bad = torch.zeros(bad.numel() + 1)
+    else:
+        bad.view(-1)[0] = float("nan") if kind == "nan" else float("inf")
+    return {**state, key: bad}
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this site's training cases."""
+    cfg, site, split, loader, model = _load(context, msg)
+    round_ = int(msg.content["config"].get("global-round", msg.content["config"].get("server-round", 1)))
+    torch.manual_seed(cfg.seed * 1000 + round_)
+    stats = train_epochs(
+        model, loader, epochs=cfg.local_epochs, lr=cfg.lr,
+        proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
+        max_steps=cfg.max_steps or None,
+    )
+    state = model.state_dict()
+    if cfg.fedbn:
+        _, local = split_norm_state(state, norm_parameter_names(model))
+        context.state[LOCAL_NORM_KEY] = ArrayRecord(torch_state_dict=local)
+    fault = cfg.fault_for(site)
+    if fault:
+        state = _corrupt(state, fault)
+    metrics = MetricRecord({
+        "train_loss": stats["train_loss"],
+        "first_loss": stats["first_loss"],
+        "steps": int(stats["steps"]),
+        "seconds": stats["seconds"],
+        "num-examples": len(split.train),
+    })
+    content = RecordDict({"arrays": ArrayRecord(torch_state_dict=state), "metrics": metrics,
+                          "site": ConfigRecord({"name": site})})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Per-label Dice (and HD95 when configured) of the global model on this site's validation cases."""
+    cfg, site, split, _, model = _load(context, msg)
+    cases, on_train = (split.val, 0) if split.val else (split.train, 1)  # one-case sites: no held-out case
+    result = evaluate(model, cases, cfg.data_config(), hd95=cfg.hd95)
+    metrics = {k: (v if np.isfinite(v) else float("nan")) for k, v in result.flat().items()}
+    metrics.update({"eval_on_train": on_train, "num-examples": len(cases)})
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site})})
+    return Message(content=content, reply_to=msg)
+

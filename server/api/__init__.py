@@ -1,0 +1,1 @@
+"""REST inference service: upload a NIfTI volume, get its segmentation back (FastAPI)."""

@@ -1,0 +1,195 @@
+"""Flower strategies with per-site bookkeeping, update screening and FedBN.
+
+``SiteAwareStrategy`` is a mixin over Flower's own ``FedAvg`` / ``FedProx`` / ``FedAdam``: before
+the parent aggregates, it names every reply's site (the ``"site"`` ConfigRecord, remembered per
+``msg.metadata.src_node_id``), rejects updates that are NaN/Inf or do not match the global
+model's keys and shapes, and, under FedBN, takes the normalisation layers out of the update so
+they stay local. What happened to each site is collected for the run log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from shared.fedconfig import FederationConfig
+
+__all__ = ["SiteAwareStrategy", "build_strategy", "check_update"]
+
+log = logging.getLogger("fedmri.federation")
+
+
+def check_update(arrays: ArrayRecord, expected: dict[str, tuple[int, ...]]) -> str | None:
+    """Why an update cannot be aggregated (wrong keys, wrong shape, NaN/Inf), or None if it can."""
+    keys = set(arrays.keys())
+    if keys != set(expected):
+        missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
+        return f"parameter keys differ from the global model (missing {missing[:3]}, unexpected {extra[:3]})"
+    for key, array in arrays.items():
+        if tuple(array.shape) != tuple(expected[key]):
+            return f"{key}: shape {tuple(array.shape)}, expected {tuple(expected[key])}"
+        values = array.numpy()
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            return f"{key}: contains NaN or Inf"
+    return None
+
+
+class SiteAwareStrategy:
+    """Mixin: per-site metrics, update screening and FedBN local norm layers over a Flower strategy.
+
+    Args:
+        expected_shapes: key -> shape of every parameter a site must send (the full state dict).
+        norm_keys: normalisation keys; under ``fedbn`` they are never aggregated into the global model.
+        fedbn: keep ``norm_keys`` local (FedBN). The averaged norm layers are kept apart in
+            ``norm_state`` only so that checkpoints are complete networks.
+        expected_sites: site names that should answer every round (to name missing ones).
+        round_offset: rounds already done before a resume; logged rounds are global rounds.
+        min_sites: fewest valid updates needed to aggregate; fewer keeps the global model.
+    """
+
+    def __init__(self, *args, expected_shapes: dict[str, tuple[int, ...]], norm_keys: set[str], fedbn: bool,
+                 expected_sites: Iterable[str] = (), round_offset: int = 0, norm_state: ArrayRecord | None = None,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.expected_shapes = dict(expected_shapes)
+        self.norm_keys = set(norm_keys)
+        self.fedbn = fedbn
+        self.expected_sites = list(expected_sites)
+        self.round_offset = round_offset
+        self.norm_state = norm_state
+        self.site_of: dict[int, str] = {}
+        self._sent: dict[str, list[Message]] = {}
+        self.current: dict = {}
+        self.reset_round()
+
+    # ---- per-round record -------------------------------------------------------------
+    def reset_round(self) -> None:
+        self.current = {"sites": {}, "failed": [], "rejected": [], "missing": [], "aggregated": {}, "nodes": {}}
+
+    def global_round(self, server_round: int) -> int:
+        return server_round + self.round_offset
+
+    def _site(self, node_id: int) -> str:
+        return self.site_of.get(node_id, f"node-{node_id}")
+
+    def _remember(self, phase: str, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        self._sent[phase] = messages
+        return messages
+
+    def _sort_replies(self, phase: str, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Valid replies; errors and silent nodes are recorded by site name."""
+        replies = list(replies)
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent.get(phase, [])}
+        answered: set[int] = set()
+        valid = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if node not in sent.values():  # SuperLink-made error (node unavailable): find the addressee
+                node = sent.get(msg.metadata.reply_to_message_id, node)
+            answered.add(node)
+            if msg.has_error():
+                site = self._site(node)
+                self.current["failed"].append({"site": site, "phase": phase, "reason": msg.error.reason})
+                log.warning("round %d %s: site %s failed: %s", self.global_round(server_round), phase, site, msg.error.reason)
+                continue
+            if "site" in msg.content.config_records:
+                self.site_of[node] = str(msg.content["site"]["name"])
+            self.current["nodes"][self._site(node)] = node
+            valid.append(msg)
+        for node in sorted(set(sent.values()) - answered):
+            site = self._site(node)
+            self.current["missing"].append({"site": site, "phase": phase})
+            log.warning("round %d %s: no reply from site %s", self.global_round(server_round), phase, site)
+        return valid
+
+    def _site_metrics(self, msg: Message) -> dict:
+        return {k: v for record in msg.content.metric_records.values() for k, v in record.items()}
+
+    # ---- Flower strategy hooks ----------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.reset_round()
+        config["global-round"] = self.global_round(server_round)
+        return self._remember("train", super().configure_train(server_round, arrays, config, grid))
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        config["global-round"] = self.global_round(server_round)
+        return self._remember("evaluate", super().configure_evaluate(server_round, arrays, config, grid))
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted: list[Message] = []
+        for msg in self._sort_replies("train", server_round, replies):
+            site = self._site(msg.metadata.src_node_id)
+            arrays = next(iter(msg.content.array_records.values()), None)
+            metrics = self._site_metrics(msg)
+            problem = "no parameters in the reply" if arrays is None else check_update(arrays, self.expected_shapes)
+            if problem is None and not metrics.get("num-examples", 0) > 0:
+                problem = "num-examples missing or not positive"
+            if problem:
+                self.current["rejected"].append({"site": site, "phase": "train", "reason": problem})
+                log.warning("round %d: rejected update from site %s: %s", self.global_round(server_round), site, problem)
+                continue
+            self.current["sites"].setdefault(site, {})["train"] = metrics
+            accepted.append(msg)
+        min_sites = getattr(self, "min_train_nodes", 1)
+        if len(accepted) < min_sites:
+            log.warning("round %d: %d valid update(s), fewer than min-sites=%d: global model kept",
+                        self.global_round(server_round), len(accepted), min_sites)
+            self.current["aggregated"]["train"] = None
+            return None, None
+        if self.fedbn and self.norm_keys:
+            norm_parts = []
+            for msg in accepted:
+                key = next(iter(msg.content.array_records))
+                full = msg.content[key]
+                norm_parts.append(RecordDict({key: ArrayRecord({k: full[k] for k in full if k in self.norm_keys}),
+                                              "metrics": MetricRecord({"num-examples": self._site_metrics(msg)["num-examples"]})}))
+                msg.content[key] = ArrayRecord({k: full[k] for k in full if k not in self.norm_keys})
+            self.norm_state = aggregate_arrayrecords(norm_parts, self.weighted_by_key)
+        arrays, metrics = super().aggregate_train(server_round, accepted)
+        self.current["aggregated"]["train"] = dict(metrics) if metrics is not None else None
+        self.current["participants"] = sorted(self._site(m.metadata.src_node_id) for m in accepted)
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        valid = self._sort_replies("evaluate", server_round, replies)
+        keys = None
+        usable = []
+        for msg in valid:
+            metrics = self._site_metrics(msg)
+            self.current["sites"].setdefault(self._site(msg.metadata.src_node_id), {})["eval"] = metrics
+            keys = keys or set(metrics)
+            if set(metrics) == keys and metrics.get("num-examples", 0) > 0:
+                usable.append(msg)
+        metrics = super().aggregate_evaluate(server_round, usable) if usable else None
+        self.current["aggregated"]["eval"] = dict(metrics) if metrics is not None else None
+        return metrics
+
+
+class SiteAwareFedAvg(SiteAwareStrategy, FedAvg):
+    """FedAvg with per-site bookkeeping."""
+
+
+class SiteAwareFedProx(SiteAwareStrategy, FedProx):
+    """FedProx (clients add the proximal term) with per-site bookkeeping."""
+
+
+class SiteAwareFedAdam(SiteAwareStrategy, FedAdam):
+    """FedAdam with per-site bookkeeping."""
+
+
+def build_strategy(cfg: FederationConfig, **site_kwargs) -> SiteAwareStrategy:
+    """The configured Flower strategy; every connected site is sampled, ``min-sites`` must answer."""
+    common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=cfg.min_sites,
+                  min_evaluate_nodes=cfg.min_sites, min_available_nodes=cfg.min_sites, **site_kwargs)
+    if cfg.strategy == "fedprox":
+        return SiteAwareFedProx(proximal_mu=cfg.proximal_mu, **common)
+    if cfg.strategy == "fedadam":
+        return SiteAwareFedAdam(eta=cfg.server_lr, **common)
+    return SiteAwareFedAvg(**common)
