@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["ScannerProfile", "apply_scanner", "smooth_bias_field", "REFERENCE_RANGE"]
+__all__ = ["ScannerProfile", "apply_scanner", "smooth_bias_field", "smooth_upsample", "REFERENCE_RANGE"]
 
 # Clean tissue signal is produced on [0, REFERENCE_RANGE] (typical T1 units) before the scanner.
 REFERENCE_RANGE = 1000.0
@@ -69,10 +69,21 @@ class ScannerProfile:
         return cls(**json.loads(Path(path).read_text()))
 
 
+def smooth_upsample(coarse: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Smoothly interpolate a small grid to ``shape``: cubic to a quarter-size grid, then linear.
+
+    A cubic spline straight to full size costs ~0.5 s per 2 mm volume; this is ~20x cheaper
+    and visually identical for fields this smooth.
+    """
+    mid = tuple(max(len_c, -(-n // 4)) for len_c, n in zip(coarse.shape, shape))
+    field_ = ndimage.zoom(coarse, [m / c for m, c in zip(mid, coarse.shape)], order=3, mode="nearest", grid_mode=False)
+    field_ = ndimage.zoom(field_, [n / m for n, m in zip(shape, field_.shape)], order=1, mode="nearest", grid_mode=False)
+    return field_[tuple(slice(0, n) for n in shape)]
+
+
 def smooth_bias_field(shape: tuple[int, ...], strength: float, rng: np.random.Generator) -> np.ndarray:
     """A smooth multiplicative field with values in about ``[1 - strength, 1 + strength]``."""
-    coarse = rng.uniform(-1.0, 1.0, size=(4, 4, 4))
-    field_ = ndimage.zoom(coarse, [s / 4 for s in shape], order=3, mode="nearest")[tuple(slice(0, s) for s in shape)]
+    field_ = smooth_upsample(rng.uniform(-1.0, 1.0, size=(4, 4, 4)), shape)
     peak = np.abs(field_).max()
     if peak > 0:
         field_ = field_ / peak

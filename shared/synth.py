@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from shared.scanner import REFERENCE_RANGE, ScannerProfile, apply_scanner
+from shared.scanner import REFERENCE_RANGE, ScannerProfile, apply_scanner, smooth_upsample
 
 __all__ = [
     "LABELS",
@@ -121,8 +121,7 @@ def _random_warp(shape: tuple[int, ...], resolution: float, rng: np.random.Gener
     max_mm = 4.0
     for axis in range(3):
         coarse = rng.normal(0, max_mm / 2, size=coarse_shape)
-        field = ndimage.zoom(coarse, shape_arr / np.asarray(coarse_shape), order=3, mode="nearest")
-        coords[axis] += field[: shape[0], : shape[1], : shape[2]] / resolution
+        coords[axis] += smooth_upsample(coarse, shape) / resolution
     return coords.astype(np.float32)
 
 
