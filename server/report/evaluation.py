@@ -108,7 +108,8 @@ def evaluate_site(
         seed: seeds the affine maps and bias fields (per site and case, so sites are independent).
         hd95: also compute the 95th-percentile Hausdorff distance.
         predictions_dir: if given, predicted label maps are written there as
-            ``<site>/<case>.nii.gz`` in the model's voxel grid.
+            ``<site>/<case>.nii.gz`` in the model's voxel grid (recorded as
+            ``predictions/<site>/<case>.nii.gz``, relative to the report folder).
 
     Raises:
         InvalidSiteError: a test file is missing, unpaired or unreadable (the message names it).
@@ -139,7 +140,7 @@ def evaluate_site(
             out.parent.mkdir(parents=True, exist_ok=True)
             affine = np.asarray(getattr(item["image"], "affine", np.eye(4)), dtype=np.float64)
             nib.save(nib.Nifti1Image(pred.astype(np.uint8), affine), out)
-            record["prediction"] = str(out)
+            record["prediction"] = f"predictions/{site_dir.name}/{case['name']}.nii.gz"  # relative to the report
         result.cases.append(record)
         samples.append(image.ravel()[::HISTOGRAM_STRIDE])
         if result.example is None:
