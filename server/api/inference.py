@@ -1,0 +1,233 @@
+"""Segmenting one volume with a registered model, exactly as training preprocessed its data.
+
+Preprocessing is ``shared.data.preprocess_transforms`` minus the file loader (the upload is
+already validated and read): channel first, RAS orientation, ``Spacingd`` to the model's
+spacing with border padding. MONAI sliding-window inference pads by replicate, so no zero
+enters before the first instance norm. ``Invertd`` then undoes spacing and orientation on the
+label map with nearest-neighbour interpolation, which lands it on the input's exact grid.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from shared.data import DataConfig, preprocess_transforms
+from shared.io import save_segmentation
+from shared.registry import data_config_from_meta, load_model, served_version
+from shared.synth import LABELS
+from shared.training import predict_logits
+
+__all__ = ["ModelNotFoundError", "ServedModel", "ModelStore", "Segmentation", "segment_volume",
+           "label_volumes", "input_summary", "preview_slices", "encode_segmentation"]
+
+
+class ModelNotFoundError(LookupError):
+    """The requested model version is not in the registry (or none is registered)."""
+
+
+@dataclass
+class ServedModel:
+    """A loaded network with its registry metadata."""
+
+    version: str
+    network: torch.nn.Module
+    meta: dict
+    data_config: DataConfig
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        classes = int(self.meta.get("model_config", {}).get("out_channels", len(LABELS)))
+        return {k: LABELS.get(k, f"label {k}") for k in range(classes)}
+
+
+class ModelStore:
+    """Loads registry versions on demand and keeps the last ``cache_size`` in memory (thread-safe).
+
+    Args:
+        registry_dir: the model registry folder.
+        default_version: version used when a request names none; ``None`` means the registry's
+            served version (``served.json``), else its newest, resolved once by ``load_default``.
+        cache_size: model versions kept loaded at once (the default one is always kept).
+    """
+
+    def __init__(self, registry_dir: Path, default_version: str | None = None, cache_size: int = 4) -> None:
+        self.registry_dir = Path(registry_dir)
+        self.default_version = default_version
+        self.cache_size = cache_size
+        self.default: ServedModel | None = None
+        self.error: str | None = None  # why no default model is loaded, for /readyz
+        self._cache: OrderedDict[str, ServedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def load_default(self) -> ServedModel:
+        """Load the default model (at startup); raises ModelNotFoundError when there is none."""
+        version = self.default_version or served_version(self.registry_dir)
+        if version is None:
+            raise ModelNotFoundError(f"no model registered in {self.registry_dir}; run `fedmri train` or `fedmri federate`")
+        self.default = self.get(version)
+        return self.default
+
+    def loaded_versions(self) -> list[str]:
+        with self._lock:
+            return list(self._cache)
+
+    def get(self, version: str | None = None) -> ServedModel:
+        """The model ``version`` (default: the default model), loading it if needed."""
+        if version is None:
+            if self.default is None:
+                raise ModelNotFoundError("no model is loaded")
+            return self.default
+        with self._lock:  # one load at a time; a second request for the same version waits for it
+            if version in self._cache:
+                self._cache.move_to_end(version)
+                return self._cache[version]
+            try:
+                network, meta = load_model(self.registry_dir, version)
+            except (FileNotFoundError, ValueError):
+                raise ModelNotFoundError(f"model version {version!r} not found in the registry") from None
+            served = ServedModel(version, network, meta, data_config_from_meta(meta))
+            self._cache[version] = served
+            while len(self._cache) > self.cache_size:
+                oldest = next(v for v in self._cache if self.default is None or v != self.default.version)
+                del self._cache[oldest]
+            return served
+
+
+@dataclass
+class Segmentation:
+    """A label map on the input's grid, with the input it came from and stage timings (s)."""
+
+    labels: np.ndarray
+    image: np.ndarray
+    meta: dict
+    model: ServedModel
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _preprocess(data_config: DataConfig):
+    from monai import transforms as mt
+
+    chain = [t for t in preprocess_transforms(data_config, keys=("image",)) if not isinstance(t, mt.LoadImaged)]
+    return mt.Compose(chain)
+
+
+def segment_volume(model: ServedModel, image: np.ndarray, meta: dict, overlap: float = 0.25, sw_batch_size: int = 2) -> Segmentation:
+    """Segment a validated 3-D ``image`` (from ``shared.io.load_volume``) and map labels back to its grid.
+
+    Args:
+        model: the served network and its data config.
+        image: ``(X, Y, Z)`` float array on the input grid.
+        meta: ``load_volume`` metadata; its ``affine`` defines the input grid.
+        overlap: sliding-window overlap.
+        sw_batch_size: windows per forward pass.
+    """
+    from monai import transforms as mt
+    from monai.data import MetaTensor
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    transform = _preprocess(model.data_config)
+    volume = MetaTensor(
+        torch.from_numpy(image),
+        affine=torch.as_tensor(meta["affine"], dtype=torch.float64),
+        meta={"original_channel_dim": "no_channel"},
+    )
+    prepared = transform({"image": volume})
+    timings["preprocess_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    logits = predict_logits(model.network, prepared["image"], model.data_config.roi_size, overlap=overlap, sw_batch_size=sw_batch_size)
+    labels = logits.argmax(1).to(torch.uint8)  # (1, X', Y', Z') on the model's grid
+    timings["inference_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    pred = MetaTensor(labels.as_tensor() if isinstance(labels, MetaTensor) else labels, affine=prepared["image"].affine)
+    invert = mt.Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=True, to_tensor=True)
+    restored = invert({"image": prepared["image"], "pred": pred})["pred"]
+    out = np.rint(np.asarray(restored[0])).astype(np.uint8)
+    if out.shape != tuple(meta["shape"]):
+        raise RuntimeError(f"inverted label map has shape {out.shape}, expected {tuple(meta['shape'])}")
+    timings["postprocess_s"] = time.perf_counter() - start
+    return Segmentation(out, image, meta, model, timings)
+
+
+def label_volumes(labels: np.ndarray, affine: np.ndarray, names: dict[int, str]) -> list[dict]:
+    """Per-label voxel counts and volumes in mL (voxel volume from the affine, so shear counts too)."""
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+    counts = np.bincount(labels.ravel(), minlength=len(names))
+    return [
+        {"label": k, "name": name, "voxels": int(counts[k]), "ml": float(counts[k]) * voxel_ml}
+        for k, name in names.items()
+        if k != 0
+    ]
+
+
+def input_summary(meta: dict) -> dict:
+    """Geometry of the input: header shape, voxel size, orientation codes, NIfTI version, q/sform codes."""
+    header = meta["header"]
+    return {
+        "shape": list(meta.get("full_shape", meta["shape"])),
+        "spacing_mm": [round(float(v), 6) for v in meta["spacing"]],
+        "orientation": "".join(nib.aff2axcodes(meta["affine"])),
+        "nifti_version": int(meta.get("nifti_version", 1)),
+        "qform_code": int(header["qform_code"]),
+        "sform_code": int(header["sform_code"]),
+    }
+
+
+def encode_segmentation(seg: Segmentation, work_dir: Path) -> bytes:
+    """The label map as ``.nii.gz`` bytes, with the input's shape, affine and qform/sform codes."""
+    path = work_dir / "segmentation.nii.gz"
+    save_segmentation(seg.labels.reshape(seg.meta.get("full_shape", seg.meta["shape"])), path, seg.meta)
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    finite = image[np.isfinite(image)]
+    lo, hi = (np.percentile(finite, (1, 99)) if finite.size else (0.0, 1.0))
+    scaled = (image - lo) / max(float(hi - lo), 1e-6)
+    return (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
+
+
+def preview_slices(seg: Segmentation) -> list[dict]:
+    """Three orthogonal slices in RAS display orientation through the labelled region's centre.
+
+    Each slice has ``width``, ``height``, ``pixel_mm`` and base64 ``image``/``labels`` bytes
+    (uint8, row-major, first row at the top: superior or anterior).
+    """
+    ornt = nib.orientations.io_orientation(seg.meta["affine"])
+    image = nib.orientations.apply_orientation(_to_uint8(seg.image), ornt)
+    labels = nib.orientations.apply_orientation(seg.labels, ornt)
+    spacing = np.asarray(seg.meta["spacing"])[ornt[:, 0].astype(int).argsort()]
+    fg = np.argwhere(labels > 0)
+    centre = fg.mean(axis=0).round().astype(int) if len(fg) else np.asarray(labels.shape) // 2
+    planes = (("sagittal", 0, (1, 2)), ("coronal", 1, (0, 2)), ("axial", 2, (0, 1)))
+    out = []
+    for name, axis, (horizontal, vertical) in planes:
+        index = int(centre[axis])
+        take = [slice(None)] * 3
+        take[axis] = index
+        # (horizontal, vertical) array -> rows top-down: transpose, then flip so +vertical is up.
+        img2d = np.ascontiguousarray(image[tuple(take)].T[::-1])
+        lab2d = np.ascontiguousarray(labels[tuple(take)].T[::-1])
+        out.append({
+            "plane": name,
+            "index": index,
+            "width": int(img2d.shape[1]),
+            "height": int(img2d.shape[0]),
+            "pixel_mm": [float(spacing[horizontal]), float(spacing[vertical])],
+            "image": base64.b64encode(img2d.tobytes()).decode("ascii"),
+            "labels": base64.b64encode(lab2d.tobytes()).decode("ascii"),
+        })
+    return out

@@ -1,0 +1,79 @@
+"""The FastAPI application: routers, the model loaded in ``lifespan``, one domain-error handler.
+
+Run it with ``fedmri serve`` (uvicorn on 127.0.0.1:8080 by default).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import torch
+from fastapi import Depends, FastAPI, Request, status
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from server.api.config import ApiSettings
+from server.api.deps import get_settings, require_api_key
+from server.api.inference import ModelNotFoundError, ModelStore
+from server.api.routes import health, models, segment, ui
+from server.api.routes.ui import STATIC_DIR
+from shared.errors import InvalidVolumeError
+
+# The fairness report route ships separately; include it once it exists.
+report = importlib.import_module("server.api.routes.report") if importlib.util.find_spec("server.api.routes.report") else None
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("fedmri.api")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Load the served model once per process, before the first request."""
+    settings: ApiSettings = app.state.settings
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
+    store = ModelStore(settings.registry_dir, settings.default_model, settings.model_cache_size)
+    try:
+        model = await run_in_threadpool(store.load_default)
+        log.info("serving model %s from %s (torch threads: %d)", model.version, settings.registry_dir, torch.get_num_threads())
+    except ModelNotFoundError as exc:
+        store.error = str(exc)
+        log.warning("no model loaded, /readyz answers 503: %s", exc)
+    app.state.models = store
+    app.state.inference_limiter = anyio.CapacityLimiter(settings.max_concurrent_inferences)
+    yield
+
+
+async def invalid_volume_handler(request: Request, exc: InvalidVolumeError) -> JSONResponse:
+    """A volume that cannot be used is the client's problem: 422 with the reason."""
+    log.info("rejected upload: %s", exc)  # messages name "upload", never the client's file
+    return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": str(exc)})
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    """Build the app; ``settings`` default to ``FEDMRI_*`` environment variables."""
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="fedmri inference",
+        summary="Brain MRI segmentation (grey matter, white matter, lesion) by a federated instance-norm UNet.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.dependency_overrides[get_settings] = lambda: settings  # routes see these settings, not the environment's
+    app.add_exception_handler(InvalidVolumeError, invalid_volume_handler)
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(segment.router)
+    if report is not None:
+        app.include_router(report.router, dependencies=[Depends(require_api_key)])
+    app.include_router(ui.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

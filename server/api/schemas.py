@@ -1,0 +1,117 @@
+"""Response models of the API (they are also its OpenAPI schema)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+__all__ = ["ErrorResponse", "Health", "Ready", "ModelInfo", "ModelList", "LabelVolume", "InputSummary",
+           "Timings", "SlicePreview", "Preview", "SegmentSummary", "finite_metrics"]
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx answer: what went wrong, in one sentence."""
+
+    detail: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Ready(BaseModel):
+    status: Literal["ready"] = "ready"
+    model_version: str
+
+
+class ModelInfo(BaseModel):
+    """One registered model version, from its ``meta.json``."""
+
+    version: str
+    created: str | None = None
+    served: bool = Field(description="the version answering requests that name no model")
+    loaded: bool = Field(description="in memory now (others load on first request)")
+    kind: str | None = None
+    strategy: str | None = None
+    norm: str | None = None
+    round: int | None = Field(default=None, description="federated round the weights come from")
+    sites: list[str] = Field(default_factory=list)
+    spacing_mm: list[float] = Field(default_factory=list, description="voxel size the model works at")
+    roi_size: list[int] = Field(default_factory=list, description="sliding-window size in voxels")
+    metrics: dict[str, dict[str, float | None]] = Field(
+        default_factory=dict, description="per-site validation metrics, e.g. {'hospital-a': {'dice_mean': 0.8}}"
+    )
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class LabelVolume(BaseModel):
+    label: int
+    name: str
+    voxels: int
+    ml: float = Field(description="volume in millilitres, from the input's voxel size")
+
+
+class InputSummary(BaseModel):
+    shape: list[int]
+    spacing_mm: list[float]
+    orientation: str = Field(description="axis codes of the input's voxel axes, e.g. 'LAS'")
+    nifti_version: int
+    qform_code: int
+    sform_code: int
+
+
+class Timings(BaseModel):
+    """Seconds spent in each stage of the request."""
+
+    upload_s: float
+    read_s: float
+    preprocess_s: float
+    inference_s: float
+    postprocess_s: float
+    total_s: float
+
+
+class SlicePreview(BaseModel):
+    """One orthogonal slice (RAS display orientation), uint8 rows top-down, base64-encoded."""
+
+    plane: Literal["sagittal", "coronal", "axial"]
+    index: int
+    width: int
+    height: int
+    pixel_mm: list[float]
+    image: str
+    labels: str
+
+
+class Preview(BaseModel):
+    slices: list[SlicePreview]
+    segmentation_nii_gz: str = Field(description="the label map as base64 .nii.gz, as POST /v1/segment returns it")
+
+
+class SegmentSummary(BaseModel):
+    model_version: str
+    labels: list[LabelVolume]
+    volumes_ml: dict[str, float] = Field(description="label name -> volume in mL")
+    input: InputSummary
+    timings: Timings
+    preview: Preview | None = None
+
+
+def finite_metrics(metrics: object) -> dict[str, dict[str, float | None]]:
+    """Per-site metric dicts with non-finite values as ``None`` (JSON has no NaN); other shapes dropped."""
+    if not isinstance(metrics, dict):
+        return {}
+    out: dict[str, dict[str, float | None]] = {}
+    for site, values in metrics.items():
+        if isinstance(values, dict):
+            out[str(site)] = {
+                str(k): (float(v) if math.isfinite(v) else None)
+                for k, v in values.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+    return out

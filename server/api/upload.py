@@ -1,0 +1,246 @@
+"""Receiving an uploaded volume: stream it to disk under a size limit, then open it safely.
+
+Everything here is about bytes a stranger sent. The multipart body is parsed as it streams
+(``python-multipart``), so the size limit holds before the upload is complete and nothing is
+spooled elsewhere. The NIfTI header is checked from its first bytes, before the rest of a
+``.gz`` is inflated or any voxel array is allocated. Error messages say ``upload``, never the
+client's file name or header text.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from fastapi import HTTPException, Request, status
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from shared.errors import InvalidVolumeError
+from shared.io import check_image_header, load_nifti, load_volume
+
+__all__ = ["UPLOAD_FIELD", "SOURCE", "receive_upload", "open_upload"]
+
+UPLOAD_FIELD = "file"
+SOURCE = "upload"  # how error messages name the volume
+# Multipart boundaries and part headers around the file; a Content-Length beyond the limit
+# plus this is refused before reading a byte.
+MULTIPART_OVERHEAD = 64 * 1024
+CHUNK = 1024 * 1024
+# NIfTI-1 headers are 348 bytes and NIfTI-2 540; 544 covers either plus the 4 extension bytes.
+HEADER_PREFIX = 544
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class _FilePart:
+    """python-multipart callbacks that copy the ``file`` field into ``out`` and count bytes."""
+
+    def __init__(self, out, max_bytes: int) -> None:
+        self.out, self.max_bytes = out, max_bytes
+        self.size, self.too_large, self.found, self.duplicate = 0, False, False, False
+        self.other_fields: list[str] = []
+        self._writing = False
+        self._field, self._value, self._disposition = b"", b"", b""
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda data, start, end: self._add("_field", data[start:end]),
+            "on_header_value": lambda data, start, end: self._add("_value", data[start:end]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+        }
+
+    def _add(self, attr: str, data: bytes) -> None:
+        setattr(self, attr, getattr(self, attr) + data)
+
+    def _part_begin(self) -> None:
+        self._disposition, self._field, self._value = b"", b"", b""
+
+    def _header_end(self) -> None:
+        if self._field.strip().lower() == b"content-disposition":
+            self._disposition = self._value
+        self._field, self._value = b"", b""
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        name = options.get(b"name", b"").decode("latin-1")
+        if name == UPLOAD_FIELD:
+            self.duplicate = self.found
+            self.found, self._writing = True, not self.found
+        else:
+            self.other_fields.append(name[:40])
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if not self._writing or self.too_large:
+            return
+        self.size += end - start
+        if self.size > self.max_bytes:
+            self.too_large = True
+            return
+        self.out.write(data[start:end])
+
+    def _part_end(self) -> None:
+        self._writing = False
+
+
+def _too_large(max_bytes: int) -> HTTPException:
+    return HTTPException(
+        status.HTTP_413_CONTENT_TOO_LARGE, f"upload exceeds the limit of {max_bytes} bytes"
+    )
+
+
+async def receive_upload(request: Request, dest: Path, max_bytes: int) -> int:
+    """Stream the multipart field ``file`` of ``request`` into ``dest``; returns its size in bytes.
+
+    Raises:
+        HTTPException: 415 not multipart, 413 over ``max_bytes``, 400 malformed body,
+            422 no ``file`` field, the field twice, or an empty file.
+    """
+    kind, params = parse_options_header(request.headers.get("content-type"))
+    if kind != b"multipart/form-data" or not params.get(b"boundary"):
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            f"expected a multipart/form-data upload with the volume in the form field '{UPLOAD_FIELD}'",
+        )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes + MULTIPART_OVERHEAD:
+        raise _too_large(max_bytes)
+    with dest.open("wb") as out:
+        part = _FilePart(out, max_bytes)
+        parser = MultipartParser(params[b"boundary"], part.callbacks())
+        try:
+            async for chunk in request.stream():
+                parser.write(chunk)
+                if part.too_large:
+                    raise _too_large(max_bytes)
+            parser.finalize()
+        except MultipartParseError:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, "malformed multipart/form-data body") from None
+    if not part.found:
+        got = ", ".join(repr(n) for n in part.other_fields[:5]) or "none"
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"no form field '{UPLOAD_FIELD}' in the upload (fields received: {got}); send the volume as {UPLOAD_FIELD}=@volume.nii.gz",
+        )
+    if part.duplicate:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"form field '{UPLOAD_FIELD}' sent more than once; send one volume per request")
+    if part.size == 0:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"{SOURCE}: empty file (0 bytes)")
+    return part.size
+
+
+def _claimed_data_bytes(prefix: bytes, max_voxels: int) -> int:
+    """Check the NIfTI magic in the first bytes; return how many bytes header + voxels claim."""
+    if len(prefix) < 4:
+        raise InvalidVolumeError(f"{SOURCE}: not a NIfTI file ({len(prefix)} bytes; expected .nii or .nii.gz)")
+    sizes = {int.from_bytes(prefix[:4], "little"), int.from_bytes(prefix[:4], "big")}
+    if 348 in sizes:
+        klass, magic, pair, magic_at, expected = nib.Nifti1Header, b"n+1\0", b"ni1\0", 344, "n+1"
+    elif 540 in sizes:
+        klass, magic, pair, magic_at, expected = nib.Nifti2Header, b"n+2\0\r\n\x1a\n", b"ni2\0\r\n\x1a\n", 4, "n+2"
+    else:
+        raise InvalidVolumeError(f"{SOURCE}: not a NIfTI file (no NIfTI-1 or NIfTI-2 header; expected .nii or .nii.gz)")
+    if len(prefix) < klass.sizeof_hdr:
+        raise InvalidVolumeError(f"{SOURCE}: file ends inside the NIfTI header ({len(prefix)} bytes; truncated?)")
+    found = prefix[magic_at : magic_at + len(magic)]
+    if found == pair:
+        raise InvalidVolumeError(f"{SOURCE}: two-file NIfTI (.hdr/.img) is not supported; send a single .nii or .nii.gz")
+    if found != magic:
+        raise InvalidVolumeError(f"{SOURCE}: wrong NIfTI magic (expected '{expected}'); the file is not a valid NIfTI")
+    try:
+        header = klass.from_fileobj(io.BytesIO(prefix[: klass.sizeof_hdr]), check=False)
+        shape = header.get_data_shape()
+        itemsize = header.get_data_dtype().itemsize
+        offset = int(header.get_data_offset())
+    except Exception as exc:  # nibabel's HeaderDataError and friends on nonsense fields
+        raise InvalidVolumeError(f"{SOURCE}: invalid NIfTI header ({type(exc).__name__})") from None
+    voxels = int(np.prod(shape, dtype=np.int64)) if shape else 0
+    if voxels > max_voxels:
+        raise InvalidVolumeError(f"{SOURCE}: header claims {voxels} voxels, more than the limit of {max_voxels}")
+    return max(offset, klass.sizeof_hdr) + voxels * itemsize
+
+
+def _inflate(fin) -> Iterator[bytes]:
+    """Decompressed chunks of a gzip stream (several members allowed), at most ``CHUNK`` each."""
+    decomp = zlib.decompressobj(zlib.MAX_WBITS | 16)
+    pending = b""
+    while True:
+        buf = decomp.unconsumed_tail or pending or fin.read(CHUNK)
+        pending = b""
+        if not buf:
+            if not decomp.eof:
+                raise InvalidVolumeError(f"{SOURCE}: gzip stream ends early (truncated upload?)")
+            return
+        data = decomp.decompress(buf, CHUNK)
+        if data:
+            yield data
+        if decomp.eof:  # end of one member: another may follow, or zero padding
+            pending = decomp.unused_data or fin.read(CHUNK)
+            while pending and not pending.strip(b"\0"):
+                pending = fin.read(CHUNK)
+            if not pending:
+                return
+            decomp = zlib.decompressobj(zlib.MAX_WBITS | 16)
+
+
+def _gunzip(src: Path, dest: Path, max_voxels: int) -> bytes:
+    """Inflate ``src`` into ``dest``, checking the header first and never writing far beyond its claim.
+
+    Returns the first ``HEADER_PREFIX`` bytes of the inflated file.
+    """
+    prefix, limit, written = b"", None, 0
+    with src.open("rb") as fin, dest.open("wb") as fout:
+        try:
+            for data in _inflate(fin):
+                if limit is None:
+                    prefix += data[: HEADER_PREFIX - len(prefix)]
+                    if len(prefix) >= HEADER_PREFIX:
+                        limit = _claimed_data_bytes(prefix, max_voxels)
+                written += len(data)
+                if limit is not None and written > limit + CHUNK:
+                    raise InvalidVolumeError(f"{SOURCE}: decompresses to more data than its NIfTI header describes")
+                fout.write(data)
+        except zlib.error:
+            raise InvalidVolumeError(f"{SOURCE}: corrupt gzip data (not a valid .nii.gz)") from None
+    return prefix
+
+
+def open_upload(raw: Path, work_dir: Path, max_voxels: int) -> tuple[np.ndarray, dict]:
+    """Validate and read an uploaded ``.nii`` or ``.nii.gz`` as ``(array, meta)`` (see ``shared.io.load_volume``).
+
+    The header is checked before voxel data is inflated or read: magic, voxel limit, that the
+    file holds as many bytes as the header claims, then shape and affine (``check_image_header``).
+    ``meta`` gains ``full_shape`` (the header's shape, e.g. ``(X, Y, Z, 1)``) and ``nifti_version``.
+
+    Raises:
+        InvalidVolumeError: with a message naming what is wrong.
+    """
+    path = work_dir / "volume.nii"
+    with raw.open("rb") as f:
+        prefix = f.read(HEADER_PREFIX)
+    if prefix[:2] == GZIP_MAGIC:
+        prefix = _gunzip(raw, path, max_voxels)
+        raw.unlink()
+    else:
+        raw.replace(path)
+    claimed = _claimed_data_bytes(prefix, max_voxels)
+    size = path.stat().st_size
+    if size < claimed:
+        raise InvalidVolumeError(
+            f"{SOURCE}: header describes {claimed} bytes of header and voxel data but the file holds only {size} (truncated?)"
+        )
+    img = load_nifti(path, SOURCE)
+    check_image_header(img, SOURCE, max_voxels)
+    data, meta = load_volume(path, SOURCE, max_voxels)
+    if isinstance(data, np.memmap) or data.base is not None:
+        data = np.array(data)  # own the voxels: the temporary file is deleted after the response
+    meta["full_shape"] = tuple(int(n) for n in img.shape)
+    meta["nifti_version"] = 2 if isinstance(img, nib.Nifti2Image) else 1
+    return data, meta
