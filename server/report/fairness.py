@@ -116,7 +116,7 @@ def summarize_sites(scores: dict[str, float], threshold: float = 0.7) -> Fairnes
         std=float(values.std()),
         mean=float(values.mean()),
         threshold=threshold,
-        flagged=sorted((k for k, v in scored.items() if v < threshold), key=lambda k: scored[k]),
+        flagged=sorted((k for k, v in scored.items() if v < threshold), key=lambda k: (scored[k], k)),
         unscored=unscored,
     )
 
