@@ -7,6 +7,7 @@ typed fields and raises ``ValueError`` naming the bad key. Plain dicts only: no 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -199,6 +200,8 @@ class FederationConfig:
             resume=_bool("resume", raw["resume"]),
             fault_inject=fault,
         )
+        if cfg.run_name and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$", cfg.run_name):
+            raise ValueError(f"run config 'run-name': use letters, digits, '.', '_' or '-', got {cfg.run_name!r}")
         if len(cfg.channels) < 2 or min(cfg.channels) < 1:
             raise ValueError(f"run config 'channels': expected at least two positive integers, got {raw['channels']!r}")
         if sites and cfg.min_sites > len(sites):

@@ -7,9 +7,18 @@ import math
 import time
 from pathlib import Path
 
-__all__ = ["RunLog", "read_run_log", "round_records", "RUN_LOG_NAME"]
+__all__ = ["RunLog", "read_run_log", "round_records", "run_dir_for", "default_run_name", "RUN_LOG_NAME"]
 
 RUN_LOG_NAME = "run.jsonl"
+
+
+def default_run_name() -> str:
+    return time.strftime("fed-%Y%m%d-%H%M%S", time.gmtime())
+
+
+def run_dir_for(out_dir: str | Path, run_name: str) -> Path:
+    """Folder of one run (``<out>/federation/<run-name>``) holding ``run.jsonl``."""
+    return Path(out_dir) / "federation" / run_name
 
 
 def _clean(value):

@@ -70,7 +70,8 @@ class SiteAwareStrategy:
 
     # ---- per-round record -------------------------------------------------------------
     def reset_round(self) -> None:
-        self.current = {"sites": {}, "failed": [], "rejected": [], "missing": [], "aggregated": {}, "nodes": {}}
+        self.current = {"sites": {}, "failed": [], "rejected": [], "missing": [], "aggregated": {}, "nodes": {},
+                        "nodes_silent": {}}
 
     def global_round(self, server_round: int) -> int:
         return server_round + self.round_offset
@@ -105,6 +106,7 @@ class SiteAwareStrategy:
             valid.append(msg)
         for node in sorted(set(sent.values()) - answered):
             site = self._site(node)
+            self.current["nodes_silent"][site] = node
             self.current["missing"].append({"site": site, "phase": phase})
             log.warning("round %d %s: no reply from site %s", self.global_round(server_round), phase, site)
         return valid
@@ -120,7 +122,10 @@ class SiteAwareStrategy:
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         config["global-round"] = self.global_round(server_round)
-        return self._remember("evaluate", super().configure_evaluate(server_round, arrays, config, grid))
+        # A node that did not answer training this round is presumed down: don't wait for it again.
+        silent = {self.current["nodes_silent"].get(m["site"]) for m in self.current["missing"] if m["phase"] == "train"}
+        messages = [m for m in super().configure_evaluate(server_round, arrays, config, grid) if m.metadata.dst_node_id not in silent]
+        return self._remember("evaluate", messages)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted: list[Message] = []

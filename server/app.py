@@ -1,0 +1,16 @@
+"""fedmri ServerApp: read the run config, run the configured strategy, checkpoint and serve the model."""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.federation.rounds import run_rounds
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Federated training over every connected site (see ``server.federation`` for the config keys)."""
+    run_rounds(grid, context.run_config)

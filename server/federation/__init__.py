@@ -1,0 +1,217 @@
+"""Federated training of the fedmri UNet with Flower 1.41: the Python API behind ``fedmri federate``.
+
+``run_federation(data_dir, out_dir, sites=..., run_config=..., run_name=..., mode=...)`` starts a
+real ``flower-superlink`` on 127.0.0.1 (``--simulation`` in simulation mode; in native mode one
+``flower-supernode`` per site, each with ``--node-config 'site="<name>" data-dir="<abs path>"'``),
+submits the app with ``flwr run`` (``server.app:app`` / ``client.app:app`` from pyproject.toml),
+follows the run log, and stops every process it started. Flower's run-time dependency
+installation, telemetry and update checks are always off (``launcher.FLOWER_ENV``).
+
+Run-config keys (pyproject ``[tool.flwr.app.config]``; parsed by ``shared.fedconfig``)::
+
+    num-server-rounds   int    3           federated rounds
+    local-epochs        int    1           epochs per site and round
+    strategy            str    "fedavg"    fedavg | fedprox | fedadam (Flower's strategies)
+    fedbn               bool   false       keep normalisation layers local at each site (FedBN)
+    proximal-mu         float  0.01        FedProx proximal weight
+    server-lr           float  0.01        FedAdam server learning rate (eta)
+    norm                str    "instance"  instance | batch | group
+    groups              int    4           GroupNorm groups
+    zscore              bool   false       z-score each input volume
+    channels            str    "8,16,32,64"
+    roi-size            str    "64,64,64"  training crop / sliding window (voxels)
+    spacing             str    "2,2,2"     resampling (mm)
+    batch-size          int    2
+    samples-per-volume  int    2
+    lr                  float  0.001       client Adam learning rate
+    max-steps           int    0           cap on optimiser steps per site and round (0: none)
+    seed                int    0
+    min-sites           int    2           fewest valid updates to aggregate a round (else the
+                                           global model is kept); also the sites awaited at start
+    round-timeout       float  600         seconds the server waits for replies per round
+    hd95                bool   false       HD95 in federated evaluation too
+    data-dir            str    ""          absolute folder of site folders (set by run_federation)
+    sites               str    ""          comma-separated expected sites (set by run_federation)
+    out-dir             str    ""          absolute runs folder (set by run_federation)
+    run-name            str    ""          registry prefix / run folder name
+    resume              bool   false       continue from the run's last checkpoint
+    fault-inject        str    ""          "<site>:nan|inf|shape": that site sends a corrupt update
+
+Outputs, for ``out_dir`` and ``run_name``:
+
+- ``out_dir/registry/<run-name>-r<k>/`` (``model.pt`` + ``meta.json``) after every round k, via
+  ``shared.registry.save_model``; meta has ``round, strategy, fedbn, norm, sites`` (participants),
+  ``missing_sites, metrics`` (per site), ``aggregated, config, run_name, time, updated``. The last
+  round's checkpoint is marked served (``registry/served.json``).
+- ``out_dir/federation/<run-name>/run.jsonl``: the run log, one JSON object per line. NaN/Inf
+  metrics are written as ``null``. Records:
+
+  ``{"event": "start", "time", "run_name", "strategy", "fedbn", "norm", "sites", "start_round",
+  "num_rounds", "resumed_from", "config"}``
+
+  ``{"event": "round", "time", "run_name", "round": k, "seconds",
+  "participants": [sites whose update was aggregated],
+  "missing": [expected sites that did not contribute an update this round],
+  "sites": {"<site>": {"node_id", "train": {"train_loss", "first_loss", "steps", "seconds",
+  "num-examples"}, "eval": {"dice_1", "dice_2", "dice_3", "dice_mean", ["hd95_1".."hd95_3"],
+  "eval_on_train", "num-examples"}}},
+  "failed": [{"site", "phase": "train"|"evaluate", "reason"}],   # the site's ClientApp raised
+  "rejected": [{"site", "phase", "reason"}],                      # NaN/Inf/wrong-shape update
+  "no_reply": [{"site", "phase"}],                                # no answer (node down, timeout)
+  "aggregated": {"train": {...} | null, "eval": {...} | null}, "updated": bool,
+  "global_finite": bool, "checkpoint": "<run-name>-r<k>"}``
+
+  ``{"event": "end", "time", "run_name", "status": "completed"|"failed", "version", "rounds", ...}``
+
+  Dice labels: 1 grey matter, 2 white matter, 3 lesion (``shared.synth.LABELS``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.federation.launcher import FederationError, LocalFederation
+from server.federation.runlog import RUN_LOG_NAME, default_run_name, read_run_log, round_records, run_dir_for
+
+__all__ = ["run_federation", "FederationResult", "FederationError", "MODES", "read_run_log", "round_records"]
+
+MODES = ("simulation", "native")
+
+
+@dataclass
+class FederationResult:
+    """What a finished federation produced."""
+
+    version: str
+    registry: Path
+    run_dir: Path
+    log_path: Path
+    run_name: str
+    mode: str
+    seconds: float
+    rounds: list[dict] = field(default_factory=list)
+
+    def site_dice(self) -> dict[str, list[float | None]]:
+        """Per-site mean Dice over rounds (None where a site did not evaluate)."""
+        names = sorted({s for r in self.rounds for s in r["sites"]})
+        return {s: [r["sites"].get(s, {}).get("eval", {}).get("dice_mean") for r in self.rounds] for s in names}
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def _follow(log_path: Path, stop: threading.Event, on_record: Callable[[dict], None]) -> None:
+    """Hand each new run-log record to ``on_record`` while the run goes on."""
+    seen = 0
+    while True:
+        finished = stop.is_set()
+        records = read_run_log(log_path)
+        for record in records[seen:]:
+            try:
+                on_record(record)
+            except Exception as exc:  # a display problem must not stop the run's bookkeeping
+                print(f"fedmri: progress display failed: {exc!r}", flush=True)
+        seen = len(records)
+        if finished:
+            return
+        stop.wait(0.5)
+
+
+def run_federation(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    sites: Sequence[str] | None = None,
+    run_config: Mapping | None = None,
+    run_name: str | None = None,
+    mode: str = "simulation",
+    superlink: str | None = None,
+    timeout: float = 3600,
+    on_record: Callable[[dict], None] | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> FederationResult:
+    """Train one model across the sites under ``data_dir`` with Flower; see the module docstring.
+
+    Args:
+        data_dir: folder with one Decathlon-layout folder per site.
+        out_dir: runs folder; checkpoints go to ``out_dir/registry``, the run log to
+            ``out_dir/federation/<run-name>/run.jsonl``.
+        sites: site folder names (default: every site under ``data_dir``).
+        run_config: run-config overrides (kebab-case keys, see above).
+        run_name: registry prefix; default ``fed-<UTC timestamp>``.
+        mode: ``"simulation"`` (Flower Simulation Engine, one virtual node per site) or
+            ``"native"`` (real SuperLink + one SuperNode process per site on 127.0.0.1).
+        superlink: native mode only: submit to this existing SuperLink (``host:port``, insecure)
+            instead of starting processes; its SuperNodes bring their own data.
+        timeout: seconds before the run is abandoned.
+        on_record: called with each run-log record as it is written (progress display).
+        echo: called with every line of Flower's streamed log.
+
+    Raises:
+        ValueError: a bad run-config value or mode (names the key).
+        InvalidSiteError: no sites under ``data_dir``.
+        FederationError: the SuperLink is unreachable, a process failed or the run did not complete.
+    """
+    from shared.fedconfig import FederationConfig
+    from shared.training import discover_sites
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
+    site_dirs = discover_sites(data_dir, list(sites) if sites else None) if not superlink else []
+    site_names = [p.name for p in site_dirs] or list(sites or [])
+    run_name = run_name or default_run_name()
+    overrides = dict(run_config or {})
+    overrides.update({"data-dir": str(data_dir), "out-dir": str(out_dir), "run-name": run_name,
+                      "sites": ",".join(site_names)})
+    cfg = FederationConfig.from_run_config(overrides)  # bad values fail here, before any process starts
+    if cfg.min_sites > len(site_names) and site_names:
+        raise ValueError(f"run config 'min-sites' = {cfg.min_sites} but only {len(site_names)} site(s)")
+    run_dir = run_dir_for(out_dir, run_name)
+    log_path = run_dir / RUN_LOG_NAME
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start_records = len(read_run_log(log_path))
+
+    stop = threading.Event()
+    follower = None
+    if on_record is not None:  # hand over only the records this run writes
+        def _new_only(record: dict, skip={"n": start_records}) -> None:
+            if skip["n"] > 0:
+                skip["n"] -= 1
+            else:
+                on_record(record)
+
+        follower = threading.Thread(target=_follow, args=(log_path, stop, _new_only), daemon=True)
+        follower.start()
+    start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="flower-", dir=run_dir))  # process logs, SuperLink state
+    if mode == "simulation":
+        federation = LocalFederation(work, simulation=True, echo=echo)
+    else:
+        federation = LocalFederation(work, sites=None if superlink else dict(zip(site_names, site_dirs)),
+                                     superlink=superlink, echo=echo)
+    try:
+        with federation:
+            run_id, status = federation.submit(cfg.to_run_config(), timeout=timeout,
+                                               num_supernodes=len(site_names), log_path=run_dir / "flower.log")
+    finally:
+        stop.set()
+        if follower is not None:
+            follower.join(timeout=5)
+        shutil.rmtree(federation.flwr_home, ignore_errors=True)  # unpacked app copy; logs stay
+    seconds = time.perf_counter() - start
+    records = read_run_log(log_path)[start_records:]
+    end = next((r for r in reversed(records) if r.get("event") == "end"), None)
+    if end is None or end.get("status") != "completed" or not status.endswith("completed"):
+        raise FederationError(
+            f"federation {run_name} ({mode}) did not complete: Flower run {run_id} status {status}; "
+            f"{(end or {}).get('reason', 'no end record in ' + str(log_path))}. Flower log: {run_dir / 'flower.log'}")
+    return FederationResult(version=end["version"], registry=out_dir / "registry", run_dir=run_dir, log_path=log_path,
+                            run_name=run_name, mode=mode, seconds=seconds, rounds=round_records(log_path))

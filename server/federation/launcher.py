@@ -1,0 +1,316 @@
+"""Start real Flower processes on 127.0.0.1 and submit the fedmri app with ``flwr run``.
+
+One topology for simulation, native deployment and docker-compose: a ``flower-superlink``
+(with ``--simulation`` for the Simulation Engine), one ``flower-supernode`` per site in a
+deployment, and ``flwr run <project> fedmri`` against a private ``FLWR_HOME``. Every process
+gets its own process group and is stopped (SIGTERM, then SIGKILL) when the federation closes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+__all__ = [
+    "FLOWER_ENV", "FederationError", "LocalFederation", "flower_env", "free_port", "project_dir",
+    "superlink_command", "supernode_command", "check_reachable",
+]
+
+# Never install app dependencies at run time, never phone home.
+FLOWER_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+}
+CONNECTION = "fedmri"
+_RESERVED_PORTS = {8000, 8080}  # SuperLink's and the API's defaults
+
+
+class FederationError(RuntimeError):
+    """A federation that could not start or did not complete; the message says which part failed."""
+
+
+def project_dir() -> Path:
+    """The fedmri project root (holds pyproject.toml with ``[tool.flwr.app]``)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").is_file():
+        raise FederationError(f"no pyproject.toml in {root}: run from a fedmri checkout")
+    return root
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(FLOWER_ENV)
+    env["FLWR_HOME"] = str(flwr_home)
+    env["PYTHONUNBUFFERED"] = "1"
+    # Flower starts its helpers (flower-superexec, flwr-clientapp, ...) by command name.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def free_port() -> int:
+    """A free loopback TCP port (never 8000 or 8080)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _RESERVED_PORTS:
+            return port
+
+
+def check_reachable(address: str, timeout: float = 3.0) -> None:
+    """Raise FederationError unless a TCP connection to ``host:port`` succeeds."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise FederationError(f"SuperLink address must be host:port, got {address!r}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return
+    except OSError as exc:
+        raise FederationError(f"SuperLink at {address} is not reachable: {exc.strerror or exc}") from None
+
+
+def superlink_command(state_dir: str, host: str = "127.0.0.1", port: int = 9093, simulation: bool = False,
+                      tls_dir: str | None = None, supernode_auth: bool = False) -> list[str]:
+    """``flower-superlink`` flags (Flower 1.41: one port serves the Fleet, Control and ServerAppIo APIs)."""
+    cmd = ["flower-superlink", "--disable-runtime-dependency-installation",
+           "--database", f"{state_dir}/state.db", "--host", host, "--port", str(port)]
+    if tls_dir:
+        cmd += ["--ssl-ca-certfile", f"{tls_dir}/ca.crt", "--ssl-certfile", f"{tls_dir}/server.pem",
+                "--ssl-keyfile", f"{tls_dir}/server.key"]
+    else:
+        cmd.insert(1, "--insecure")
+    if supernode_auth:
+        cmd.append("--enable-supernode-auth")
+    if simulation:
+        cmd.append("--simulation")
+    return cmd
+
+
+def supernode_command(superlink: str, port: int, site: str, data_dir: str, ca_cert: str | None = None,
+                      auth_key: str | None = None) -> list[str]:
+    """``flower-supernode`` for one site; its data folder travels in ``--node-config``."""
+    cmd = ["flower-supernode", "--superlink", superlink, "--port", str(port),
+           "--node-config", f'site="{site}" data-dir="{data_dir}"']
+    if ca_cert:
+        cmd[1:1] = ["--root-certificates", ca_cert]
+    else:
+        cmd.insert(1, "--insecure")
+    if auth_key:
+        cmd += ["--auth-supernode-private-key", auth_key]
+    return cmd
+
+
+class _Proc:
+    """One Flower process in its own process group, its output in a log file."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.name, self.cmd, self.log_path = name, cmd, log_path
+        self._log = log_path.open("ab")
+        self.popen = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the whole group, SIGKILL what is left, reap it; children (superexec, clientapp) too."""
+        self.signal_group(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        self.signal_group(signal.SIGKILL)  # stragglers in the group even if the leader exited
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
+
+    def tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+class LocalFederation:
+    """A SuperLink (and SuperNodes) on 127.0.0.1, for one or more ``flwr run`` submissions.
+
+    Args:
+        work_dir: folder for the private ``FLWR_HOME``, SuperLink state and process logs.
+        sites: site name -> absolute data folder, one ``flower-supernode`` each (deployment).
+            Leave empty with ``simulation=True`` to use the Simulation Engine instead.
+        simulation: start the SuperLink with ``--simulation``.
+        superlink: address of an existing SuperLink to submit to instead of starting one.
+        echo: called with every line ``flwr run --stream`` prints.
+    """
+
+    def __init__(self, work_dir: str | Path, sites: Mapping[str, str | Path] | None = None, simulation: bool = False,
+                 superlink: str | None = None, echo: Callable[[str], None] | None = None,
+                 ca_cert: str | None = None) -> None:
+        self.work_dir = Path(work_dir).resolve()
+        self.sites = {name: Path(path).resolve() for name, path in (sites or {}).items()}
+        self.simulation = simulation
+        self.external = superlink
+        self.echo = echo or (lambda line: None)
+        self.ca_cert = ca_cert
+        self.flwr_home = self.work_dir / "flwr-home"
+        self.env = flower_env(self.flwr_home)
+        self.address = superlink or ""
+        self.superlink: _Proc | None = None
+        self.supernodes: dict[str, _Proc] = {}
+        self._closed = False
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def __enter__(self) -> LocalFederation:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        if self.external:
+            check_reachable(self.external)
+        else:
+            port = free_port()
+            self.address = f"127.0.0.1:{port}"
+            state = self.work_dir / "superlink"
+            state.mkdir(exist_ok=True)
+            self.superlink = _Proc("superlink", superlink_command(str(state), port=port, simulation=self.simulation),
+                                   self.env, self.work_dir / "superlink.log")
+            self._wait_listening(self.superlink, port, timeout)
+        self._write_connection()
+        for site, data_dir in self.sites.items():
+            self.start_supernode(site, data_dir)
+
+    def start_supernode(self, site: str, data_dir: Path) -> None:
+        cmd = supernode_command(self.address, free_port(), site, str(data_dir), ca_cert=self.ca_cert)
+        self.supernodes[site] = _Proc(f"supernode-{site}", cmd, self.env, self.work_dir / f"supernode-{site}.log")
+
+    def kill_supernode(self, site: str) -> None:
+        """Crash one site: SIGKILL its SuperNode's whole process group (fault-tolerance drills)."""
+        proc = self.supernodes[site]
+        proc.signal_group(signal.SIGKILL)
+        proc.popen.wait(timeout=10)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for proc in list(self.supernodes.values()) + ([self.superlink] if self.superlink else []):
+            proc.stop()
+
+    def _wait_listening(self, proc: _Proc, port: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise FederationError(f"{proc.name} exited with code {proc.popen.returncode}:\n{proc.tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise FederationError(f"{proc.name} did not listen on 127.0.0.1:{port} within {timeout:.0f}s:\n{proc.tail()}")
+
+    def _write_connection(self) -> None:
+        """``$FLWR_HOME/config.toml``: the one SuperLink connection ``flwr`` commands use."""
+        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{self.address}"']
+        lines.append(f'root-certificates = "{self.ca_cert}"' if self.ca_cert else "insecure = true")
+        (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    # ---- runs -------------------------------------------------------------------------
+    def _flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+
+    def run_status(self, run_id: int) -> str:
+        """Status of a run as the SuperLink reports it, e.g. ``finished:completed``."""
+        res = self._flwr("list", CONNECTION, "--run-id", str(run_id), "--format", "json")
+        try:
+            runs = json.loads(res.stdout)["runs"]
+            return str(runs[0]["status"])
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+            return f"unknown ({(res.stdout + res.stderr).strip()[-300:]})"
+
+    def submit(self, run_config: Mapping, app_dir: str | Path | None = None, timeout: float = 3600,
+               num_supernodes: int | None = None, log_path: str | Path | None = None) -> tuple[int | None, str]:
+        """``flwr run`` the app with ``run_config`` and stream it to the end; returns (run id, status)."""
+        import tomli_w
+
+        app = Path(app_dir) if app_dir else project_dir()
+        overrides = Path(tempfile.mkstemp(prefix="run-config-", suffix=".toml", dir=self.work_dir)[1])
+        overrides.write_text(tomli_w.dumps(dict(run_config)))
+        cmd = ["flwr", "run", str(app), CONNECTION, "--run-config", str(overrides), "--stream"]
+        if self.simulation:
+            n = num_supernodes or len(self.sites)
+            cmd += ["--federation-config", f"num-supernodes={n} client-resources-num-cpus=1"]
+        log_file = Path(log_path) if log_path else self.work_dir / "flwr-run.log"
+        run_id: int | None = None
+        with log_file.open("a") as out:
+            proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.work_dir)
+            timer = threading.Timer(timeout, lambda: _killpg(proc.pid))
+            timer.start()
+            try:
+                for line in proc.stdout:
+                    out.write(line)
+                    out.flush()
+                    self.echo(line.rstrip("\n"))
+                    if run_id is None and (m := re.search(r"Successfully started run (\d+)", line)):
+                        run_id = int(m.group(1))
+                proc.wait()
+            finally:
+                timer.cancel()
+                if proc.poll() is None:
+                    _killpg(proc.pid)
+                    proc.wait()
+        if run_id is None:
+            tail = log_file.read_text(errors="replace")[-1500:]
+            raise FederationError(f"flwr run could not start the run (exit code {proc.returncode}):\n{tail}")
+        if proc.returncode and proc.returncode < 0:
+            raise FederationError(f"run {run_id} did not finish within {timeout:.0f}s")
+        return run_id, self.wait_finished(run_id)
+
+    def wait_finished(self, run_id: int, timeout: float = 30) -> str:
+        """The run's final status (the log stream can end a moment before the status is written)."""
+        deadline = time.monotonic() + timeout
+        status = self.run_status(run_id)
+        while not status.startswith("finished") and time.monotonic() < deadline:
+            time.sleep(1)
+            status = self.run_status(run_id)
+        return status
+
+
+def _killpg(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

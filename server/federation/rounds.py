@@ -1,0 +1,144 @@
+"""The ServerApp's work: resume, run the strategy, log every site every round, checkpoint, serve."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+
+from shared.fedconfig import FederationConfig, split_norm_state
+from shared.model import build_unet, norm_parameter_names
+from shared.registry import mark_served, save_model
+from server.federation.runlog import RUN_LOG_NAME, RunLog, default_run_name, run_dir_for
+from server.federation.strategy import build_strategy
+
+__all__ = ["run_rounds", "last_checkpoint"]
+
+# A child of Flower's logger, so `flwr run --stream` and `flwr log` show these lines too.
+log = logging.getLogger("flwr.fedmri")
+
+
+def last_checkpoint(registry: Path, run_name: str) -> tuple[int, str] | None:
+    """(round, version) of the newest complete ``<run-name>-r<round>`` checkpoint, if any."""
+    pattern = re.compile(rf"^{re.escape(run_name)}-r(\d+)$")
+    found = [(int(m.group(1)), p.name) for p in registry.glob(f"{run_name}-r*")
+             if (m := pattern.match(p.name)) and (p / "model.pt").is_file() and (p / "meta.json").is_file()]
+    return max(found) if found else None
+
+
+def _complete_state(arrays: ArrayRecord, norm_state: ArrayRecord | None, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Global weights (+ FedBN's averaged norm layers) in the reference dtypes, as a full state dict."""
+    state = arrays.to_torch_state_dict()
+    if norm_state is not None:
+        state.update(norm_state.to_torch_state_dict())
+    return {k: state[k].to(reference[k].dtype) if k in state else reference[k] for k in reference}
+
+
+def run_rounds(grid: Grid, run_config: Mapping) -> str:
+    """Run (or resume) the federation described by ``run_config``; returns the served version."""
+    cfg = FederationConfig.from_run_config(run_config)
+    if not cfg.out_dir:
+        raise ValueError("run config 'out-dir' must be set to an absolute path")
+    run_name = cfg.run_name or default_run_name()
+    registry = Path(cfg.out_dir) / "registry"
+    runlog = RunLog(run_dir_for(cfg.out_dir, run_name) / RUN_LOG_NAME)
+    mcfg, dcfg = cfg.model_config(), cfg.data_config()
+
+    torch.manual_seed(cfg.seed)  # the clients build the same initial norm layers from this seed
+    reference = build_unet(mcfg).state_dict()
+    norm_keys = norm_parameter_names(build_unet(mcfg))
+    state, start_round = reference, 0
+    previous = last_checkpoint(registry, run_name)
+    if previous and not cfg.resume:
+        raise ValueError(f"run {run_name!r} already has checkpoints up to round {previous[0]} in {registry}; "
+                         "resume it (resume=true) or choose another run-name")
+    if previous:
+        start_round, version = previous
+        state = torch.load(registry / version / "model.pt", map_location="cpu", weights_only=True)
+        log.info("resuming run %s from checkpoint %s", run_name, version)
+    if start_round >= cfg.num_server_rounds:
+        version = f"{run_name}-r{start_round}"
+        mark_served(registry, version)
+        runlog.write("end", run_name=run_name, status="completed", version=version, rounds=start_round, note="nothing to resume")
+        return version
+
+    shared, norm = split_norm_state(state, norm_keys) if cfg.fedbn else (state, {})
+    strategy = build_strategy(
+        cfg,
+        expected_shapes={k: tuple(v.shape) for k, v in reference.items()},
+        norm_keys=norm_keys,
+        fedbn=cfg.fedbn,
+        expected_sites=cfg.sites,
+        round_offset=start_round,
+        norm_state=ArrayRecord(torch_state_dict=norm) if norm else None,
+    )
+    runlog.write("start", run_name=run_name, strategy=cfg.strategy, fedbn=cfg.fedbn, norm=cfg.norm,
+                 sites=list(cfg.sites), start_round=start_round + 1, num_rounds=cfg.num_server_rounds,
+                 resumed_from=f"{run_name}-r{start_round}" if start_round else None, config=cfg.to_run_config())
+    updated_rounds: list[int] = []
+    clock = {"start": time.perf_counter()}
+
+    def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Strategy hook after every round: log each site, checkpoint the global model."""
+        if server_round == 0:
+            clock["start"] = time.perf_counter()
+            return None
+        rnd = strategy.global_round(server_round)
+        cur = strategy.current
+        full = _complete_state(arrays, strategy.norm_state, reference)
+        finite = all(bool(torch.isfinite(v).all()) for v in full.values() if v.is_floating_point())
+        participants = cur.get("participants", [])
+        updated = cur["aggregated"].get("train") is not None
+        if updated:
+            updated_rounds.append(rnd)
+        known = list(cfg.sites) or sorted(set(strategy.site_of.values()) | {f["site"] for f in cur["failed"]})
+        missing = sorted(set(known) - set(participants))
+        sites = {name: {"node_id": cur["nodes"].get(name), **info} for name, info in sorted(cur["sites"].items())}
+        version = f"{run_name}-r{rnd}"
+        seconds = time.perf_counter() - clock["start"]
+        save_model(registry, version, full, mcfg, dcfg, round=rnd, strategy=cfg.strategy, fedbn=cfg.fedbn, norm=cfg.norm,
+                   sites=participants, missing_sites=missing, metrics=sites, aggregated=cur["aggregated"],
+                   config=cfg.to_run_config(), run_name=run_name, kind="federated",
+                   time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), updated=updated)
+        runlog.write("round", run_name=run_name, round=rnd, seconds=round(seconds, 3), participants=participants,
+                     missing=missing, sites=sites, failed=cur["failed"], rejected=cur["rejected"],
+                     no_reply=cur["missing"], aggregated=cur["aggregated"], updated=updated,
+                     global_finite=finite, checkpoint=version)
+        summary = "  ".join(
+            f"{name}: loss {_fmt(info.get('train', {}).get('train_loss'))} dice {_fmt(info.get('eval', {}).get('dice_mean'))}"
+            for name, info in sites.items())
+        log.info("round %d/%d (%.1fs) %s%s", rnd, cfg.num_server_rounds, seconds, summary,
+                 f"  missing: {','.join(missing)}" if missing else "")
+        clock["start"] = time.perf_counter()
+        return MetricRecord({"global-finite": int(finite), "updated": int(updated)})
+
+    strategy.start(
+        grid,
+        ArrayRecord(torch_state_dict=shared),
+        num_rounds=cfg.num_server_rounds - start_round,
+        timeout=cfg.round_timeout,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+        evaluate_fn=end_of_round,
+    )
+    final = f"{run_name}-r{cfg.num_server_rounds}"
+    if not updated_rounds and not start_round:
+        runlog.write("end", run_name=run_name, status="failed", version=None, rounds=cfg.num_server_rounds,
+                     reason="no round had min-sites valid updates")
+        raise RuntimeError(f"federation {run_name}: no round had {cfg.min_sites} valid site update(s); "
+                           f"see {runlog.path} for each site's error")
+    mark_served(registry, final)
+    runlog.write("end", run_name=run_name, status="completed", version=final, rounds=cfg.num_server_rounds,
+                 updated_rounds=updated_rounds)
+    return final
+
+
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
