@@ -34,12 +34,12 @@ from shared.synth import LABELS
 from server.report import figures
 from server.report.evaluation import SiteEvaluation, evaluate_sites
 from server.report.fairness import site_table, summarize_sites
-from server.report.history import RoundHistory, read_history
+from server.report.history import RoundHistory, find_run_log, read_history
 from server.report.invariance import DEFAULT_BIAS_STRENGTHS, DEFAULT_GAMMAS, SCALE_RANGE, SHIFT_RANGE, summarize_checks
 from server.report.render import fmt, image, page, table
 
 __all__ = ["ReportOptions", "ReportResult", "assemble_report", "render_report", "write_report", "generate_report",
-           "flatten_numbers", "to_jsonable", "find_run_log", "model_info"]
+           "flatten_numbers", "to_jsonable", "model_info"]
 
 log = logging.getLogger(__name__)
 
@@ -134,22 +134,6 @@ def model_info(meta: dict) -> dict:
     info.update({"norm": mcfg.get("norm"), "channels": mcfg.get("channels"), "fedbn": meta.get("fedbn", False),
                  "zscore": meta.get("data_config", {}).get("zscore", False), "spacing": meta.get("data_config", {}).get("spacing")})
     return info
-
-
-def find_run_log(meta: dict, registry: str | Path | None = None) -> Path | None:
-    """The federation run log recorded in a model's metadata, if any (absolute or registry-relative)."""
-    candidates = [meta.get(k) for k in ("log_path", "run_log")]
-    if meta.get("run_dir"):
-        candidates += [str(p) for p in sorted(Path(meta["run_dir"]).glob("*.jsonl"))]
-    for c in candidates:
-        if not c:
-            continue
-        path = Path(c)
-        if not path.is_absolute() and registry is not None and not path.is_file():
-            path = Path(registry) / meta.get("version", "") / c
-        if path.is_file():
-            return path
-    return None
 
 
 def _histograms(evaluations: Sequence[SiteEvaluation], bins: int = 80) -> dict[str, dict]:
@@ -423,7 +407,7 @@ def generate_report(
     if log_path is not None:
         try:
             history = read_history(log_path)
-            note = "" if history.rounds else f"run log {log_path} holds no per-site evaluation records"
+            note = "" if history.rounds else f"run log {log_path} holds no round records"
         except (OSError, ValueError) as exc:
             note = f"run log {log_path} could not be read: {exc}"
     report, figs = assemble_report(evaluations, skipped, model_info(meta), options, history, note, str(data_dir))

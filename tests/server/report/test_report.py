@@ -158,18 +158,18 @@ def test_cli_reports_the_served_model_and_fails_clearly(trained_registry, tiny_d
     assert "no-such-model" in capsys.readouterr().err
 
 
-def test_history_reads_both_log_shapes(tmp_path):
-    log = tmp_path / "run.jsonl"
-    lines = [
-        {"round": 1, "site": "a", "event": "train", "metrics": {"dice_mean": 0.1}},
-        {"round": 1, "site": "a", "event": "evaluate", "eval_dice": 0.4},
-        {"round": 1, "site": "b", "event": "evaluate", "metrics": {"dice_mean": 0.3}},
-        {"round": 2, "sites": {"a": {"dice_mean": 0.6}, "b": {"dice_mean": 0.5}}},
-    ]
-    log.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n{\"round\": 3}\n")
-    history = read_history(log)
+def test_history_from_a_federation_run_log(tmp_path):
+    from server.federation.runlog import RunLog
+
+    log = RunLog(tmp_path / "run.jsonl")
+    log.write("start", run_name="x", sites=["a", "b"])
+    log.write("round", round=1, missing=["b"], sites={"a": {"train": {"train_loss": 1.0}, "eval": {"dice_mean": 0.4}}})
+    log.write("round", round=2, missing=[], sites={"a": {"eval": {"dice_mean": 0.6}}, "b": {"eval": {"dice_mean": float("nan")}}})
+    log.write("end", status="completed")
+    history = read_history(log.path)
     assert history.rounds == [1, 2]
-    assert history.sites == {"a": [0.4, 0.6], "b": [0.3, 0.5]}
-    assert history.skipped_lines == 2
+    assert history.sites["a"] == [0.4, 0.6]
+    assert math.isnan(history.sites["b"][0]) and math.isnan(history.sites["b"][1])
+    assert history.missing == [["b"], []]
     with pytest.raises(FileNotFoundError):
         read_history(tmp_path / "missing.jsonl")
