@@ -157,14 +157,18 @@ def _claimed_data_bytes(prefix: bytes, max_voxels: int) -> int:
     try:
         header = klass.from_fileobj(io.BytesIO(prefix[: klass.sizeof_hdr]), check=False)
         shape = header.get_data_shape()
-        itemsize = header.get_data_dtype().itemsize
+        dtype = header.get_data_dtype()
         offset = int(header.get_data_offset())
     except Exception as exc:  # nibabel's HeaderDataError and friends on nonsense fields
-        raise InvalidVolumeError(f"{SOURCE}: invalid NIfTI header ({type(exc).__name__})") from None
+        raise InvalidVolumeError(f"{SOURCE}: invalid NIfTI header: unknown data type or dimensions ({type(exc).__name__})") from None
+    if dtype.kind not in "iuf" or dtype.fields is not None:
+        raise InvalidVolumeError(f"{SOURCE}: unsupported voxel type {dtype.kind!r} (complex or RGB); expected real-valued intensities")
+    if any(n < 0 for n in shape):
+        raise InvalidVolumeError(f"{SOURCE}: invalid NIfTI header: negative dimension in shape {tuple(shape)}")
     voxels = int(np.prod(shape, dtype=np.int64)) if shape else 0
     if voxels > max_voxels:
         raise InvalidVolumeError(f"{SOURCE}: header claims {voxels} voxels, more than the limit of {max_voxels}")
-    return max(offset, klass.sizeof_hdr) + voxels * itemsize
+    return max(offset, klass.sizeof_hdr) + voxels * dtype.itemsize
 
 
 def _inflate(fin) -> Iterator[bytes]:

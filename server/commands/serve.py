@@ -1,0 +1,54 @@
+"""`fedmri serve`: the REST inference service (FastAPI under uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+HELP = "serve registered models over HTTP: upload a NIfTI volume, get its segmentation (web page at /)"
+log = logging.getLogger("fedmri.serve")
+
+# Flags left out keep their FEDMRI_* environment value or the ApiSettings default.
+_OVERRIDES = {
+    "registry": "registry_dir",
+    "data": "data_dir",
+    "reports": "reports_dir",
+    "model": "default_model",
+    "max_upload_mb": "max_upload_bytes",
+    "max_voxels": "max_voxels",
+    "max_concurrent": "max_concurrent_inferences",
+    "torch_threads": "torch_threads",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
+    # Not 8000: that is Flower's SuperLink default.
+    parser.add_argument("--port", type=int, default=8080, help="TCP port")
+    s = argparse.SUPPRESS
+    parser.add_argument("--registry", default=s, help="model registry (env FEDMRI_REGISTRY_DIR; default runs/registry)")
+    parser.add_argument("--data", default=s, help="site data folder, for the report route (env FEDMRI_DATA_DIR; default data)")
+    parser.add_argument("--reports", default=s, help="reports folder (env FEDMRI_REPORTS_DIR; default runs/reports)")
+    parser.add_argument("--model", default=s, help="version to serve (env FEDMRI_DEFAULT_MODEL; default: the registry's served one)")
+    parser.add_argument("--max-upload-mb", type=float, default=s, help="upload limit in MiB (env FEDMRI_MAX_UPLOAD_BYTES in bytes; default 256)")
+    parser.add_argument("--max-voxels", type=int, default=s, help="largest volume accepted (env FEDMRI_MAX_VOXELS; default 512**3)")
+    parser.add_argument("--max-concurrent", type=int, default=s, help="volumes segmented at once (env FEDMRI_MAX_CONCURRENT_INFERENCES; default 2)")
+    parser.add_argument("--torch-threads", type=int, default=s, help="torch intra-op threads (env FEDMRI_TORCH_THREADS)")
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    parser.epilog = "The API key is read from FEDMRI_API_KEY only (a flag would show in the process list)."
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.api.config import ApiSettings
+    from server.api.main import create_app
+
+    overrides = {field: getattr(args, flag) for flag, field in _OVERRIDES.items() if hasattr(args, flag)}
+    if "max_upload_bytes" in overrides:
+        overrides["max_upload_bytes"] = int(overrides["max_upload_bytes"] * 1024**2)
+    settings = ApiSettings(**overrides)
+    log.info("fedmri API on http://%s:%d (docs at /docs, API key %s)", args.host, args.port,
+             "required" if settings.api_key else "not required")
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level, log_config=None)
+    return 0
