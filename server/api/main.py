@@ -37,12 +37,11 @@ log = logging.getLogger("fedmri.api")
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load the served model once per process, before the first request."""
     settings: ApiSettings = app.state.settings
-    if settings.torch_threads is not None:
-        torch.set_num_threads(settings.torch_threads)
     store = ModelStore(settings.registry_dir, settings.default_model, settings.model_cache_size)
     try:
         model = await run_in_threadpool(store.load_default)
-        log.info("serving model %s from %s (torch threads: %d)", model.version, settings.registry_dir, torch.get_num_threads())
+        log.info("serving model %s from %s (torch threads per inference: %d)", model.version, settings.registry_dir,
+                 settings.torch_threads or torch.get_num_threads())
     except ModelNotFoundError as exc:
         store.error = str(exc)
         log.warning("no model loaded, /readyz answers 503: %s", exc)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import anyio
+import torch
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
@@ -81,6 +82,8 @@ def _resolve(store: ModelStore, version: str | None) -> ServedModel:
 
 def _process(raw: Path, work_dir: Path, model: ServedModel, settings: ApiSettings, nifti: bool, preview: bool) -> _Outcome:
     """Blocking part of a request (runs in a worker thread): read, segment, encode."""
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)  # OpenMP's thread count is per calling thread
     start = time.perf_counter()
     image, meta = open_upload(raw, work_dir, settings.max_voxels)
     read_s = time.perf_counter() - start
