@@ -5,8 +5,6 @@ Run it with ``fedmri serve`` (uvicorn on 127.0.0.1:8080 by default).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,12 +19,10 @@ from starlette.concurrency import run_in_threadpool
 from server.api.config import ApiSettings
 from server.api.deps import get_settings, require_api_key
 from server.api.inference import ModelNotFoundError, ModelStore
-from server.api.routes import health, models, segment, ui
+from server.api.routes import health, models, report, segment, ui
 from server.api.routes.ui import STATIC_DIR
 from shared.errors import InvalidVolumeError
 
-# The fairness report route ships separately; include it once it exists.
-report = importlib.import_module("server.api.routes.report") if importlib.util.find_spec("server.api.routes.report") else None
 
 __all__ = ["create_app"]
 
@@ -71,8 +67,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(segment.router)
-    if report is not None:
-        app.include_router(report.router, dependencies=[Depends(require_api_key)])
+    app.include_router(report.router, dependencies=[Depends(require_api_key)])
     app.include_router(ui.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

@@ -37,11 +37,15 @@ class ModelInfo(BaseModel):
     strategy: str | None = None
     norm: str | None = None
     round: int | None = Field(default=None, description="federated round the weights come from")
-    sites: list[str] = Field(default_factory=list)
+    fedbn: bool | None = Field(default=None, description="normalisation layers kept local (FedBN)")
+    run_name: str | None = None
+    sites: list[str] = Field(default_factory=list, description="sites whose data trained these weights")
+    missing_sites: list[str] = Field(default_factory=list, description="expected sites that did not contribute")
     spacing_mm: list[float] = Field(default_factory=list, description="voxel size the model works at")
     roi_size: list[int] = Field(default_factory=list, description="sliding-window size in voxels")
     metrics: dict[str, dict[str, float | None]] = Field(
-        default_factory=dict, description="per-site validation metrics, e.g. {'hospital-a': {'dice_mean': 0.8}}"
+        default_factory=dict,
+        description="per-site metrics from meta.json, flattened: e.g. {'hospital-a': {'eval.dice_mean': 0.8}}",
     )
 
 
@@ -102,16 +106,22 @@ class SegmentSummary(BaseModel):
     preview: Preview | None = None
 
 
+def _flat_numbers(values: dict, prefix: str = "") -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat_numbers(value, f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "node_id":
+            out[name] = float(value) if math.isfinite(value) else None
+    return out
+
+
 def finite_metrics(metrics: object) -> dict[str, dict[str, float | None]]:
-    """Per-site metric dicts with non-finite values as ``None`` (JSON has no NaN); other shapes dropped."""
+    """Per-site numbers as flat dicts (``{"eval": {"dice_mean": x}}`` -> ``{"eval.dice_mean": x}``).
+
+    Non-finite values become ``None`` (JSON has no NaN); anything not a number is dropped.
+    """
     if not isinstance(metrics, dict):
         return {}
-    out: dict[str, dict[str, float | None]] = {}
-    for site, values in metrics.items():
-        if isinstance(values, dict):
-            out[str(site)] = {
-                str(k): (float(v) if math.isfinite(v) else None)
-                for k, v in values.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)
-            }
-    return out
+    return {str(site): _flat_numbers(values) for site, values in metrics.items() if isinstance(values, dict)}

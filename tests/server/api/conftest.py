@@ -43,9 +43,12 @@ def api_registry(tiny_data_dir, tmp_path_factory) -> Path:
     model.load_state_dict(untrained.state_dict())
     sites = [load_site(p, dcfg) for p in discover_sites(tiny_data_dir)]
     train_on_sites(sites, model, dcfg, TRAIN_EPOCHS, lr=3e-3, seed=0)
-    metrics = {"site-a": {"dice_mean": 0.61, "hd95_3": float("nan")}, "site-b": {"dice_mean": 0.6}}
+    # Shaped like server/federation's meta.json: per site, train and eval metric dicts.
+    metrics = {"site-a": {"node_id": 7, "eval": {"dice_mean": 0.61, "hd95_3": float("nan")}, "train": {"train_loss": 0.4}},
+               "site-b": {"node_id": 9, "eval": {"dice_mean": 0.6}}}
     save_model(registry, "tiny", model.state_dict(), mcfg, dcfg, kind="federated", strategy="FedAvg", norm="instance",
-               round=3, sites=[s.name for s in sites], metrics=metrics)
+               round=3, fedbn=False, run_name="tiny", sites=[s.name for s in sites],
+               missing_sites=[], metrics=metrics)
     mark_served(registry, "tiny")
     return registry
 
@@ -63,7 +66,8 @@ def make_client(api_registry, upload_dir) -> Iterator[Callable[..., TestClient]]
     clients: list[TestClient] = []
 
     def make(**overrides) -> TestClient:
-        settings = ApiSettings(**{"registry_dir": api_registry, "upload_dir": upload_dir, **overrides})
+        # api_key=None unless a test sets one: the developer's environment must not change the results.
+        settings = ApiSettings(**{"registry_dir": api_registry, "upload_dir": upload_dir, "api_key": None, **overrides})
         client = TestClient(create_app(settings))
         client.__enter__()
         clients.append(client)

@@ -28,6 +28,11 @@ def test_api_key_required_when_configured(keyed, method, path, nifti_bytes, phan
     assert response.status_code == 200, response.text
 
 
+def test_report_route_is_mounted_behind_the_key(keyed):
+    response = keyed.get("/v1/report")
+    assert response.status_code == 401 and "X-API-Key" in response.json()["detail"]
+
+
 def test_probes_and_page_need_no_key(keyed):
     for path in ("/healthz", "/readyz", "/", "/docs", "/openapi.json"):
         assert keyed.get(path).status_code == 200, path

@@ -15,8 +15,10 @@ def test_lists_registered_versions(client):
     assert (tiny["round"], tiny["strategy"], tiny["norm"], tiny["kind"]) == (3, "FedAvg", "instance", "federated")
     assert tiny["sites"] == ["site-a", "site-b", "site-c"]
     assert tiny["spacing_mm"] == [4.0, 4.0, 4.0] and tiny["roi_size"] == [32, 32, 32]
-    # Per-site metrics; the NaN in meta.json becomes null (JSON has no NaN).
-    assert tiny["metrics"] == {"site-a": {"dice_mean": 0.61, "hd95_3": None}, "site-b": {"dice_mean": 0.6}}
+    assert (tiny["fedbn"], tiny["run_name"], tiny["missing_sites"]) == (False, "tiny", [])
+    # Per-site metrics, flattened; the NaN in meta.json becomes null (JSON has no NaN).
+    assert tiny["metrics"] == {"site-a": {"eval.dice_mean": 0.61, "eval.hd95_3": None, "train.train_loss": 0.4},
+                               "site-b": {"eval.dice_mean": 0.6}}
     assert not models["tiny-untrained"]["served"] and not models["tiny-untrained"]["loaded"]
 
 
