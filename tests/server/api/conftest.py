@@ -176,7 +176,7 @@ def live_server(api_registry, tmp_path_factory) -> Iterator[dict]:
             if time.monotonic() > deadline:
                 pytest.fail(f"fedmri serve not ready after 60 s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.3)
-        yield {"url": url, "uploads": uploads, "log": log_path, "process": proc}
+        yield {"url": url, "uploads": uploads, "log": log_path, "process": proc, "upload_limit": LIVE_UPLOAD_LIMIT}
     finally:
         proc.terminate()
         try:

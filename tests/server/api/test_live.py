@@ -1,0 +1,149 @@
+"""The service as users meet it: `fedmri serve` in its own process, real HTTP on a loopback port.
+
+Concurrency, real-socket size limits, temporary files during an upload, the server's log, and
+the web page in a real headless Chromium.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+SECRET_NAME = "SMITH_JOHN_MRN4711.nii.gz"
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--window-size=1280,900")
+
+
+def _post(url: str, content, path: str = "/v1/segment", **kwargs) -> httpx.Response:
+    return httpx.post(url + path, files={"file": (SECRET_NAME, content)}, timeout=120, **kwargs)
+
+
+def test_four_concurrent_requests_all_succeed(live_server, site_case, read_nifti):
+    image = site_case[0].read_bytes()
+    barrier = threading.Barrier(4)
+
+    def one(_):
+        barrier.wait()  # all four in flight together
+        return _post(live_server["url"], image)
+
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(one, range(4)))
+    assert [r.status_code for r in responses] == [200] * 4
+    labels = [np.asarray(read_nifti(r.content).dataobj) for r in responses]
+    assert all(np.array_equal(labels[0], other) for other in labels[1:])
+    assert labels[0].shape == nib.load(site_case[0]).shape and (labels[0] > 0).any()
+    assert httpx.get(live_server["url"] + "/healthz").status_code == 200
+
+
+def test_oversized_upload_gets_413_over_a_real_socket(live_server):
+    limit = live_server["upload_limit"]
+    response = _post(live_server["url"], os.urandom(limit + 200_000))
+    assert response.status_code == 413
+    assert response.json() == {"detail": f"upload exceeds the limit of {limit} bytes"}
+    assert httpx.get(live_server["url"] + "/healthz").status_code == 200
+
+
+def test_upload_is_on_disk_only_while_the_request_runs(live_server, site_case):
+    """Halfway through a slow upload its bytes sit in the upload folder; after the response, nothing does."""
+    uploads: Path = live_server["uploads"]
+    image = site_case[0].read_bytes()
+    boundary = "livetestboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{SECRET_NAME}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    body = head + image + f"\r\n--{boundary}--\r\n".encode()
+    seen_mid_upload: list[int] = []
+
+    def slow_body():
+        half = len(body) // 2
+        yield body[:half]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # wait until the server has written the first half
+            sizes = [p.stat().st_size for p in uploads.rglob("*") if p.is_file()]
+            if sizes and max(sizes) > 0:
+                seen_mid_upload.extend(sizes)
+                break
+            time.sleep(0.05)
+        yield body[half:]
+
+    response = httpx.post(live_server["url"] + "/v1/segment", content=slow_body(), timeout=120,
+                          headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 200, response.text
+    assert seen_mid_upload and max(seen_mid_upload) > 0
+    assert list(uploads.iterdir()) == []
+
+
+def test_server_log_has_requests_but_no_patient_file_names(live_server, site_case):
+    assert _post(live_server["url"], site_case[0].read_bytes()).status_code == 200
+    assert _post(live_server["url"], b"not a volume").status_code == 422
+    log = live_server["log"].read_text()
+    assert "segmented" in log and "POST /v1/segment" in log and "rejected upload" in log
+    assert "SMITH" not in log and "MRN4711" not in log
+
+
+def _chrome(tmp_path: Path):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("Debian chromium/chromium-driver not installed (apt-get install -y chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
+
+
+def test_web_page_in_headless_chromium(live_server, site_case, tmp_path):
+    """Choose a real NIfTI file, upload it, and see three overlaid slices and the label volumes."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    upload = tmp_path / "site_b_ts000.nii.gz"  # a neutral name: the screenshot goes into the README
+    shutil.copy(site_case[0], upload)
+    expected = _post(live_server["url"], upload.read_bytes(), path="/v1/segment/summary").json()["volumes_ml"]
+
+    browser = _chrome(tmp_path)
+    try:
+        browser.get(live_server["url"] + "/")
+        assert "fedmri" in browser.title
+        browser.find_element(By.ID, "file").send_keys(str(upload))
+        browser.find_element(By.ID, "submit").click()
+        WebDriverWait(browser, 120).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
+        assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", browser.find_element(By.ID, "status").text
+
+        for plane in ("sagittal", "coronal", "axial"):
+            canvas = browser.find_element(By.ID, f"view-{plane}")
+            assert canvas.is_displayed() and int(canvas.get_attribute("data-overlay-pixels")) > 0, plane
+            # Read the pixels back: the overlay shows as coloured (non-grey) pixels.
+            coloured = browser.execute_script(
+                """const c = arguments[0]; const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                   let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i] !== d[i + 1] || d[i + 1] !== d[i + 2]) n++;
+                   return n;""", canvas)
+            assert coloured > 0, plane
+
+        rows = browser.find_elements(By.CSS_SELECTOR, "#volumes tbody tr")
+        shown = {r.find_elements(By.TAG_NAME, "td")[1].text: float(r.find_elements(By.TAG_NAME, "td")[2].text) for r in rows}
+        assert set(shown) == set(expected)
+        for name, ml in expected.items():
+            assert shown[name] == pytest.approx(ml, abs=0.051), name
+        assert shown["grey matter"] > 0 and shown["white matter"] > 0
+        assert browser.find_element(By.ID, "download").get_attribute("href").startswith("blob:")
+
+        browser.save_screenshot(str(tmp_path / "web-ui.png"))
+        if os.environ.get("FEDMRI_SAVE_SCREENSHOT"):  # refresh the README's picture on request only
+            (REPO / "docs").mkdir(exist_ok=True)
+            shutil.copy(tmp_path / "web-ui.png", REPO / "docs" / "web-ui.png")
+    finally:
+        browser.quit()
