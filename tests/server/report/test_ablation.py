@@ -1,0 +1,82 @@
+"""`fedmri ablation` end to end on the tiny sites: real Flower simulation, real training, real report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+
+from server.cli import main
+from server.report.ablation import AblationConfig
+
+
+@pytest.mark.slow
+def test_ablation_end_to_end(tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "ablation"
+    args = ["ablation", "--data", str(tiny_data_dir), "--out", str(out), "--variants", "fed-in,fed-bn,pooled-in,local-in",
+            "--rounds", "1", "--local-epochs", "2", "--spacing", "4,4,4", "--roi", "32,32,32", "--channels", "8,16,32",
+            "--k", "2", "--threshold", "0.3"]
+    assert main(args) == 0
+    assert "ablation.html" in capsys.readouterr().out
+
+    results = json.loads((out / "ablation.json").read_text())
+    variants = {v["name"]: v for v in results["variants"]}
+    assert list(variants) == ["fed-in", "fed-bn", "pooled-in", "local-in"]
+    assert results["budget_epochs"] == 2
+    sites = ["site-a", "site-b", "site-c"]
+    for name in ("fed-in", "fed-bn", "pooled-in"):
+        v = variants[name]
+        assert sorted(v["sites"]) == sites
+        scores = {s: v["sites"][s]["dice"] for s in sites}
+        # The summary is recomputed from the per-site table.
+        assert v["worst_site"] == min(scores, key=scores.get)
+        assert v["gap"] == pytest.approx(max(scores.values()) - min(scores.values()))
+        assert v["mean_dice"] == pytest.approx(np.mean(list(scores.values())))
+        assert v["flagged"] == sorted((s for s in sites if scores[s] < 0.3), key=lambda s: (scores[s], s))
+    # The federated IN model is invariant to scanner affine maps; the federated BN model is not.
+    assert variants["fed-in"]["invariance_min"] >= 0.999
+    assert variants["fed-in"]["invariance"] > variants["fed-bn"]["invariance"]
+    assert variants["fed-in"]["version"].startswith("ablation-fed-in")
+    assert variants["fed-in"]["history"]["rounds"] == [1]
+    assert sorted(variants["fed-in"]["fed_val_last_round"]) == sites
+
+    # Cross-site matrix: one local model per site, evaluated on every site; the diagonal is the local row.
+    matrix = results["cross_site"]
+    assert sorted(matrix) == sites and all(sorted(row) == sites for row in matrix.values())
+    for s in sites:
+        assert variants["local-in"]["sites"][s]["dice"] == pytest.approx(matrix[s][s])
+
+    with (out / "ablation.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    fed_in_b = next(r for r in rows if r["variant"] == "fed-in" and r["site"] == "site-b")
+    assert float(fed_in_b["dice"]) == pytest.approx(variants["fed-in"]["sites"]["site-b"]["dice"])
+    assert len([r for r in rows if r["variant"].startswith("local-in[")]) == 9
+
+    page = (out / "ablation.html").read_text()
+    refs = []
+
+    class Refs(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            refs.extend(v for k, v in attrs if k in ("src", "href"))
+
+    Refs().feed(page)
+    assert refs and all(r.startswith("data:image/png;base64,") for r in refs)
+    for title in ("federated IN (FedAvg)", "federated BN (FedAvg)", "pooled centralized IN", *sites):
+        assert title in page
+    md = (out / "ablation.md").read_text()
+    assert "| federated IN (FedAvg) |" in md and "trained on" in md
+
+
+@pytest.mark.parametrize("kwargs, match", [({"variants": ("fed-xx",)}, "unknown ablation variant"), ({"rounds": 0}, "rounds")])
+def test_ablation_config_ill_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AblationConfig(**kwargs)
+
+
+def test_full_config_is_bigger_than_the_fast_default():
+    fast, full = AblationConfig(), AblationConfig.full(rounds=3)
+    assert full.rounds == 3 and math.prod(full.roi_size) > math.prod(fast.roi_size) and full.spacing < fast.spacing
