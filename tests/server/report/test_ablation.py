@@ -1,4 +1,7 @@
-"""`fedmri ablation` end to end on the tiny sites: real Flower simulation, real training, real report."""
+"""`fedmri ablation` end to end on the tiny sites: real Flower simulation, real training, real report.
+
+One federated variant only: each Flower simulation costs ~40-60 s of start-up on 2 cores.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from server.report.ablation import AblationConfig
 @pytest.mark.slow
 def test_ablation_end_to_end(tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "ablation"
-    args = ["ablation", "--data", str(tiny_data_dir), "--out", str(out), "--variants", "fed-in,fed-bn,pooled-in,local-in",
+    args = ["ablation", "--data", str(tiny_data_dir), "--out", str(out), "--variants", "fed-in,pooled-in,local-in",
             "--rounds", "1", "--local-epochs", "2", "--spacing", "4,4,4", "--roi", "32,32,32", "--channels", "8,16,32",
             "--k", "2", "--threshold", "0.3"]
     assert main(args) == 0
@@ -25,10 +28,10 @@ def test_ablation_end_to_end(tiny_data_dir, tmp_path, capsys):
 
     results = json.loads((out / "ablation.json").read_text())
     variants = {v["name"]: v for v in results["variants"]}
-    assert list(variants) == ["fed-in", "fed-bn", "pooled-in", "local-in"]
+    assert list(variants) == ["fed-in", "pooled-in", "local-in"]
     assert results["budget_epochs"] == 2
     sites = ["site-a", "site-b", "site-c"]
-    for name in ("fed-in", "fed-bn", "pooled-in"):
+    for name in ("fed-in", "pooled-in"):
         v = variants[name]
         assert sorted(v["sites"]) == sites
         scores = {s: v["sites"][s]["dice"] for s in sites}
@@ -37,9 +40,9 @@ def test_ablation_end_to_end(tiny_data_dir, tmp_path, capsys):
         assert v["gap"] == pytest.approx(max(scores.values()) - min(scores.values()))
         assert v["mean_dice"] == pytest.approx(np.mean(list(scores.values())))
         assert v["flagged"] == sorted((s for s in sites if scores[s] < 0.3), key=lambda s: (scores[s], s))
-    # The federated IN model is invariant to scanner affine maps; the federated BN model is not.
-    assert variants["fed-in"]["invariance_min"] >= 0.999
-    assert variants["fed-in"]["invariance"] > variants["fed-bn"]["invariance"]
+    # Instance-norm models are invariant to scanner affine maps (IN vs BN: test_invariance.py).
+    assert variants["fed-in"]["invariance_min"] >= 0.999 and variants["pooled-in"]["invariance_min"] >= 0.999
+    assert variants["fed-in"]["sites"]["site-a"]["n_cases"] == 1
     assert variants["fed-in"]["version"].startswith("ablation-fed-in")
     assert variants["fed-in"]["history"]["rounds"] == [1]
     assert sorted(variants["fed-in"]["fed_val_last_round"]) == sites
@@ -65,7 +68,7 @@ def test_ablation_end_to_end(tiny_data_dir, tmp_path, capsys):
 
     Refs().feed(page)
     assert refs and all(r.startswith("data:image/png;base64,") for r in refs)
-    for title in ("federated IN (FedAvg)", "federated BN (FedAvg)", "pooled centralized IN", *sites):
+    for title in ("federated IN (FedAvg)", "pooled centralized IN", "local-only IN", *sites):
         assert title in page
     md = (out / "ablation.md").read_text()
     assert "| federated IN (FedAvg) |" in md and "trained on" in md
