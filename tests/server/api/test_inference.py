@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from server.api.inference import ServedModel, label_volumes, preview_slices, segment_volume
+from server.api.inference import (ServedModel, _preprocess, label_volumes, labels_to_input_grid, preview_slices,
+                                  segment_volume)
 from shared.data import DataConfig
 
 THRESHOLD = 500.0
@@ -102,3 +103,39 @@ def test_preview_slices_are_in_ras_display_orientation(phantom):
     shown = np.frombuffer(base64.b64decode(axial["labels"]), np.uint8).reshape(axial["height"], axial["width"])
     np.testing.assert_array_equal(shown, ras[:, :, axial["index"]].T[::-1])
     assert shown.any()
+
+
+@pytest.mark.parametrize(
+    "affine, spacing",
+    [(LPS_ANISO, (2.0, 2.0, 2.0)), (OBLIQUE, (1.5, 1.0, 2.0)), (np.diag([0.7, 1.3, 2.9, 1.0]), (2.0, 2.0, 2.0))],
+    ids=["lps-to-2mm", "oblique-to-aniso", "fine-to-2mm"],
+)
+def test_nearest_back_agrees_with_monai_invertd(phantom, affine, spacing):
+    """The fast gather gives MONAI Invertd's labels except where a voxel centre ties between two model voxels."""
+    from monai import transforms as mt
+    from monai.data import MetaTensor
+
+    image = phantom((40, 30, 20))
+    transform = _preprocess(DataConfig(spacing=spacing, roi_size=(16, 16, 16)))
+    prepared = transform({"image": MetaTensor(torch.from_numpy(image), affine=torch.as_tensor(affine),
+                                              meta={"original_channel_dim": "no_channel"})})
+    model_labels = ((prepared["image"] > THRESHOLD).int() + (prepared["image"] > 750).int()).to(torch.uint8)
+    model_affine = prepared["image"].affine.numpy()
+    ours = labels_to_input_grid(model_labels[0].numpy(), model_affine, affine, image.shape)
+    invert = mt.Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=True)
+    reference = invert({"image": prepared["image"], "pred": MetaTensor(model_labels, affine=prepared["image"].affine)})["pred"]
+    reference = np.rint(reference[0].numpy()).astype(np.uint8)
+    assert ours.shape == reference.shape == image.shape
+    differ = ours != reference
+    assert differ.mean() < 0.05
+    # Every disagreement sits on a tie: some axis lands exactly half-way between two model voxels.
+    voxel_map = np.linalg.solve(model_affine, affine)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in image.shape], indexing="ij"), -1)[differ]
+    positions = grid @ voxel_map[:3, :3].T + voxel_map[:3, 3]
+    assert np.all(np.any(np.isclose(np.abs(positions - np.floor(positions)), 0.5, atol=1e-6), axis=1))
+
+
+def test_nearest_back_refuses_rotated_grids():
+    rotated = np.eye(4)
+    rotated[:3, :3] = _rot
+    assert labels_to_input_grid(np.zeros((4, 4, 4), np.uint8), rotated, np.eye(4), (4, 4, 4)) is None
