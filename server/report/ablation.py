@@ -51,6 +51,10 @@ __all__ = ["VARIANTS", "AblationConfig", "run_ablation", "render_ablation_html",
 
 log = logging.getLogger(__name__)
 
+# Grey and white matter: present in every case. Lesions are in some cases only, so a site's
+# mean over all labels also reflects how many of its test cases have a lesion.
+TISSUE_LABELS = (1, 2)
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -148,20 +152,24 @@ def _site_scores(evaluations: Sequence[SiteEvaluation]) -> dict[str, dict]:
         labels = sorted({k for c in e.cases for k in c["dice"]})
         per_label = {k: nanmean(c["dice"][k] for c in e.cases) for k in labels}
         case_means = [nanmean(c["dice"].values()) for c in e.cases]
+        tissue = [nanmean(c["dice"].get(k, math.nan) for k in TISSUE_LABELS) for c in e.cases]
         inv = summarize_checks(e.affine_checks)
-        out[e.site] = {"dice": nanmean(case_means), "dice_per_label": per_label, "n_cases": len(e.cases),
-                       "invariance_mean": inv["mean"], "invariance_min": inv["min"]}
+        out[e.site] = {"dice": nanmean(case_means), "tissue_dice": nanmean(tissue), "dice_per_label": per_label,
+                       "n_cases": len(e.cases), "invariance_mean": inv["mean"], "invariance_min": inv["min"]}
     return out
 
 
 def _summary(name: str, variant: Variant, sites: dict[str, dict], config: AblationConfig, **extra) -> dict:
     fairness = summarize_sites({s: v["dice"] for s, v in sites.items()}, config.threshold)
+    tissue = summarize_sites({s: v["tissue_dice"] for s, v in sites.items()}, config.threshold)
     inv_means = [v["invariance_mean"] for v in sites.values()]
     inv_mins = [v["invariance_min"] for v in sites.values()]
     return {
         "name": name, "title": variant.title, "kind": variant.kind, "sites": sites,
         "mean_dice": fairness.mean, "worst_site": fairness.worst_site, "worst_dice": fairness.worst,
         "gap": fairness.gap, "ratio": fairness.ratio, "std": fairness.std, "flagged": fairness.flagged,
+        "tissue": {"mean": tissue.mean, "worst_site": tissue.worst_site, "worst": tissue.worst, "gap": tissue.gap,
+                   "ratio": tissue.ratio, "std": tissue.std, "flagged": tissue.flagged},
         "invariance": nanmean(inv_means), "invariance_min": float(np.nanmin(inv_mins)) if np.isfinite(inv_mins).any() else math.nan,
         **extra,
     }
@@ -218,7 +226,7 @@ def run_ablation(
     site_dirs = discover_sites(data_dir, config.sites)
     epochs = config.rounds * config.local_epochs
     results: dict = {"config": asdict(config), "data_dir": str(data_dir), "budget_epochs": epochs,
-                     "variants": [], "cross_site": None, "skipped": {}}
+                     "variants": [], "cross_site": None, "cross_site_tissue": None, "skipped": {}}
     start_all = time.perf_counter()
     for name in config.variants:
         variant = VARIANTS[name]
@@ -247,6 +255,7 @@ def run_ablation(
         else:  # local-only: one model per site, every model on every site
             dcfg, mcfg = config.data_config(), config.model_config("instance")
             matrix: dict[str, dict[str, float]] = {}
+            matrix_tissue: dict[str, dict[str, float]] = {}
             own: dict[str, dict] = {}
             train_seconds, skipped = 0.0, []
             for site_dir in site_dirs:
@@ -259,10 +268,12 @@ def run_ablation(
                 evaluations, skipped = _evaluate(model, dcfg, data_dir, config)
                 scores = _site_scores(evaluations)
                 matrix[site.name] = {s: v["dice"] for s, v in scores.items()}
+                matrix_tissue[site.name] = {s: v["tissue_dice"] for s, v in scores.items()}
                 if site.name in scores:
                     own[site.name] = scores[site.name]
                 echo(f"  local {site.name}: " + "  ".join(f"{s} {fmt(v)}" for s, v in matrix[site.name].items()))
             results["cross_site"] = matrix
+            results["cross_site_tissue"] = matrix_tissue
             summary = _summary(name, variant, own, config, train_seconds=train_seconds)
         summary["seconds"] = time.perf_counter() - start
         if skipped:
@@ -285,14 +296,16 @@ def _csv_rows(results: dict) -> list[dict]:
     rows = []
     for v in results["variants"]:
         for site, s in v["sites"].items():
-            row = {"variant": v["name"], "site": site, "n_cases": s["n_cases"], "dice": s["dice"],
+            row = {"variant": v["name"], "site": site, "n_cases": s["n_cases"], "dice": s["dice"], "tissue_dice": s.get("tissue_dice"),
                    **{f"dice_{k}": d for k, d in s["dice_per_label"].items()},
                    "invariance_mean": s["invariance_mean"], "invariance_min": s["invariance_min"],
                    "fed_val_last_round": (v.get("fed_val_last_round") or {}).get(site, math.nan)}
             rows.append(row)
+    tissue = results.get("cross_site_tissue") or {}
     for trained_on, cols in (results.get("cross_site") or {}).items():
         for site, dice in cols.items():
-            rows.append({"variant": f"local-in[{trained_on}]", "site": site, "dice": dice})
+            rows.append({"variant": f"local-in[{trained_on}]", "site": site, "dice": dice,
+                         "tissue_dice": tissue.get(trained_on, {}).get(site)})
     return rows
 
 
@@ -309,15 +322,27 @@ def render_ablation_markdown(results: dict) -> str:
         "| variant | " + " | ".join(sites) + " | mean | worst site | gap | invariance (mean / min) |",
         "|---|" + "---:|" * len(sites) + "---:|---|---:|---:|",
     ]
+    lines.insert(1, "")
+    lines.insert(2, "Mean Dice over grey matter, white matter and lesion (per case, labels absent from a case skipped), "
+                    "held-out test cases:")
     for v in results["variants"]:
         cells = [fmt(v["sites"].get(s, {}).get("dice")) for s in sites]
         lines.append(f"| {v['title']} | " + " | ".join(cells) + f" | {fmt(v['mean_dice'])} | {v['worst_site']} "
                      f"({fmt(v['worst_dice'])}) | {fmt(v['gap'])} | {fmt(v['invariance'], 4)} / {fmt(v['invariance_min'], 4)} |")
-    if results.get("cross_site"):
-        lines += ["", "Local-only IN models, cross-site mean Dice (row: trained on, column: evaluated on):", "",
-                  "| trained on | " + " | ".join(sites) + " |", "|---|" + "---:|" * len(sites)]
-        for trained_on, cols in results["cross_site"].items():
-            lines.append(f"| {trained_on} | " + " | ".join(fmt(cols.get(s)) for s in sites) + " |")
+    lines += ["", "Tissue Dice (mean of grey and white matter, present in every case):", "",
+              "| variant | " + " | ".join(sites) + " | mean | worst site | gap | worst/best |",
+              "|---|" + "---:|" * len(sites) + "---:|---|---:|---:|"]
+    for v in results["variants"]:
+        t = v.get("tissue") or {}
+        cells = [fmt(v["sites"].get(s, {}).get("tissue_dice")) for s in sites]
+        lines.append(f"| {v['title']} | " + " | ".join(cells) + f" | {fmt(t.get('mean'))} | {t.get('worst_site')} "
+                     f"({fmt(t.get('worst'))}) | {fmt(t.get('gap'))} | {fmt(t.get('ratio'))} |")
+    for key, what in (("cross_site", "mean Dice"), ("cross_site_tissue", "tissue Dice")):
+        if results.get(key):
+            lines += ["", f"Local-only IN models, cross-site {what} (row: trained on, column: evaluated on):", "",
+                      "| trained on | " + " | ".join(sites) + " |", "|---|" + "---:|" * len(sites)]
+            for trained_on, cols in results[key].items():
+                lines.append(f"| {trained_on} | " + " | ".join(fmt(cols.get(s)) for s in sites) + " |")
     fed = [v for v in results["variants"] if v.get("fed_val_last_round")]
     if fed:
         lines += ["", "Federated validation Dice of the last round (each site's own split; FedBN with its local norm layers):", "",
@@ -341,7 +366,13 @@ def render_ablation_html(results: dict) -> str:
              f"test cases. Invariance: Dice between predictions before and after {c['k']} random s·x+b maps per test volume "
              "(s in [0.2, 5], b in [−1000, 1000]). The FedBN row evaluates its global checkpoint (averaged norm layers); "
              "its local-norm performance is the federated validation Dice below.</p>")
-    sections = [("Per-site Dice, gap, worst site and invariance", intro + table(headers, rows))]
+    tissue_rows = [[v["title"]] + [v["sites"].get(s, {}).get("tissue_dice") for s in sites]
+                   + [(v.get("tissue") or {}).get(k) for k in ("mean", "worst_site", "worst", "gap", "ratio", "std")] for v in variants]
+    sections = [("Per-site Dice, gap, worst site and invariance", intro + table(headers, rows)),
+                ("Tissue Dice (grey and white matter)",
+                 "<p>Lesions occur in some test cases only, so the mean over all labels also reflects each site's lesion count; "
+                 "grey and white matter are in every case.</p>"
+                 + table(["variant"] + sites + ["mean", "worst site", "worst", "gap", "worst/best", "std"], tissue_rows))]
     if variants:
         sections.append(("Per-site Dice by variant", image(
             figures.grouped_bars(sites, {v["name"]: [v["sites"].get(s, {}).get("dice", math.nan) for s in sites] for v in variants},
@@ -349,10 +380,12 @@ def render_ablation_html(results: dict) -> str:
         sections.append(("Invariance by variant", image(
             figures.grouped_bars(sites, {v["name"]: [v["sites"].get(s, {}).get("invariance_mean", math.nan) for s in sites] for v in variants},
                                  "Dice(pred(x), pred(s·x+b))"), "invariance by variant")))
-    if results.get("cross_site"):
-        m = results["cross_site"]
-        sections.append(("Local-only models across sites", "<p>Row: the site a model was trained on; column: the site it is evaluated on.</p>"
-                         + table(["trained on \\ evaluated on"] + sites, [[t] + [cols.get(s) for s in sites] for t, cols in m.items()])))
+    for key, what in (("cross_site", "mean Dice"), ("cross_site_tissue", "tissue Dice")):
+        if results.get(key):
+            m = results[key]
+            sections.append((f"Local-only models across sites ({what})",
+                             "<p>Row: the site a model was trained on; column: the site it is evaluated on.</p>"
+                             + table(["trained on \\ evaluated on"] + sites, [[t] + [cols.get(s) for s in sites] for t, cols in m.items()])))
     fed = [v for v in variants if v.get("fed_val_last_round")]
     if fed:
         sections.append(("Federated validation Dice, last round", table(
