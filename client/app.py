@@ -6,6 +6,7 @@ a deployment, or from ``sites[partition-id]`` under the run config's ``data-dir`
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -49,17 +50,26 @@ def _site_data(data_dir: str, data_cfg: tuple, seed: int):
     return split, make_train_loader(split.train, cfg, seed=seed)
 
 
+@contextmanager
+def _named(site: str):
+    """Prefix any failure with the site name: the reason travels to the server log and run log."""
+    try:
+        yield
+    except Exception as exc:
+        raise type(exc)(f"site {site}: {exc}") if isinstance(exc, (InvalidSiteError, ValueError)) else RuntimeError(
+            f"site {site}: {type(exc).__name__}: {exc}") from None
+
+
 def _load(context: Context, msg: Message):
     cfg = FederationConfig.from_run_config(context.run_config)
     site, data_dir = _site_of(context, cfg)
     data_cfg = cfg.data_config()
-    try:
+    with _named(site):
         split, loader = _site_data(str(data_dir), tuple(sorted((k, v) for k, v in vars(data_cfg).items())), cfg.seed)
-    except InvalidSiteError as exc:
-        raise InvalidSiteError(f"site {site}: {exc}") from None
     torch.manual_seed(cfg.seed)  # same initial norm layers at every site
     model = build_unet(cfg.model_config())
-    _apply_global(model, msg.content["arrays"].to_torch_state_dict(), context, cfg)
+    with _named(site):
+        _apply_global(model, msg.content["arrays"].to_torch_state_dict(), context, cfg)
     return cfg, site, split, loader, model
 
 
@@ -91,11 +101,12 @@ def train(msg: Message, context: Context) -> Message:
     cfg, site, split, loader, model = _load(context, msg)
     round_ = int(msg.content["config"].get("global-round", msg.content["config"].get("server-round", 1)))
     torch.manual_seed(cfg.seed * 1000 + round_)
-    stats = train_epochs(
-        model, loader, epochs=cfg.local_epochs, lr=cfg.lr,
-        proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
-        max_steps=cfg.max_steps or None,
-    )
+    with _named(site):
+        stats = train_epochs(
+            model, loader, epochs=cfg.local_epochs, lr=cfg.lr,
+            proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
+            max_steps=cfg.max_steps or None,
+        )
     state = model.state_dict()
     if cfg.fedbn:
         _, local = split_norm_state(state, norm_parameter_names(model))
@@ -120,7 +131,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     """Per-label Dice (and HD95 when configured) of the global model on this site's validation cases."""
     cfg, site, split, _, model = _load(context, msg)
     cases, on_train = (split.val, 0) if split.val else (split.train, 1)  # one-case sites: no held-out case
-    result = evaluate(model, cases, cfg.data_config(), hd95=cfg.hd95)
+    with _named(site):
+        result = evaluate(model, cases, cfg.data_config(), hd95=cfg.hd95)
     metrics = {k: (v if np.isfinite(v) else float("nan")) for k, v in result.flat().items()}
     metrics.update({"eval_on_train": on_train, "num-examples": len(cases)})
     content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site})})

@@ -68,6 +68,7 @@ Outputs, for ``out_dir`` and ``run_name``:
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import threading
@@ -79,7 +80,7 @@ from pathlib import Path
 from server.federation.launcher import FederationError, LocalFederation
 from server.federation.runlog import RUN_LOG_NAME, default_run_name, read_run_log, round_records, run_dir_for
 
-__all__ = ["run_federation", "FederationResult", "FederationError", "MODES", "read_run_log", "round_records"]
+__all__ = ["run_federation", "FederationResult", "FederationError", "LocalFederation", "MODES", "read_run_log", "round_records"]
 
 MODES = ("simulation", "native")
 
@@ -103,8 +104,14 @@ class FederationResult:
         return {s: [r["sites"].get(s, {}).get("eval", {}).get("dice_mean") for r in self.rounds] for s in names}
 
 
-def _print(line: str) -> None:
-    print(line, flush=True)
+def _last_error(flower_log: Path) -> str:
+    """The last exception line Flower streamed (e.g. the ServerApp's), for the error message."""
+    try:
+        lines = flower_log.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no Flower log"
+    errors = [ln.strip() for ln in lines if re.search(r"\w+(Error|Exception): ", ln)]
+    return errors[-1][:500] if errors else "no error in the Flower log"
 
 
 def _follow(log_path: Path, stop: threading.Event, on_record: Callable[[dict], None]) -> None:
@@ -136,6 +143,7 @@ def run_federation(
     timeout: float = 3600,
     on_record: Callable[[dict], None] | None = None,
     echo: Callable[[str], None] | None = None,
+    on_start: Callable[[LocalFederation], None] | None = None,
 ) -> FederationResult:
     """Train one model across the sites under ``data_dir`` with Flower; see the module docstring.
 
@@ -153,6 +161,8 @@ def run_federation(
         timeout: seconds before the run is abandoned.
         on_record: called with each run-log record as it is written (progress display).
         echo: called with every line of Flower's streamed log.
+        on_start: called with the ``LocalFederation`` once its processes are up (addresses,
+            process handles; fault drills stop a SuperNode through it).
 
     Raises:
         ValueError: a bad run-config value or mode (names the key).
@@ -174,13 +184,19 @@ def run_federation(
     cfg = FederationConfig.from_run_config(overrides)  # bad values fail here, before any process starts
     if cfg.min_sites > len(site_names) and site_names:
         raise ValueError(f"run config 'min-sites' = {cfg.min_sites} but only {len(site_names)} site(s)")
+    from server.federation.rounds import last_checkpoint
+
+    previous = last_checkpoint(out_dir / "registry", run_name)
+    if previous and not cfg.resume:
+        raise ValueError(f"run {run_name!r} already has checkpoints up to round {previous[0]} in {out_dir / 'registry'}; "
+                         "resume it (run config resume=true, fedmri federate --resume) or choose another run name")
     run_dir = run_dir_for(out_dir, run_name)
     log_path = run_dir / RUN_LOG_NAME
     run_dir.mkdir(parents=True, exist_ok=True)
     start_records = len(read_run_log(log_path))
 
     stop = threading.Event()
-    follower = None
+    follower, end, run_id, status = None, None, None, "unknown"
     if on_record is not None:  # hand over only the records this run writes
         def _new_only(record: dict, skip={"n": start_records}) -> None:
             if skip["n"] > 0:
@@ -199,19 +215,23 @@ def run_federation(
                                      superlink=superlink, echo=echo)
     try:
         with federation:
-            run_id, status = federation.submit(cfg.to_run_config(), timeout=timeout,
-                                               num_supernodes=len(site_names), log_path=run_dir / "flower.log")
+            if on_start is not None:
+                on_start(federation)
+            run_id = federation.submit(cfg.to_run_config(), timeout=timeout, num_supernodes=len(site_names),
+                                       log_path=run_dir / "flower.log")
+            records = read_run_log(log_path)[start_records:]
+            end = next((r for r in reversed(records) if r.get("event") == "end"), None)
+            if end is None or end.get("status") != "completed":  # ask the SuperLink what happened
+                status = federation.wait_finished(run_id, timeout=15)
     finally:
         stop.set()
         if follower is not None:
             follower.join(timeout=5)
         shutil.rmtree(federation.flwr_home, ignore_errors=True)  # unpacked app copy; logs stay
     seconds = time.perf_counter() - start
-    records = read_run_log(log_path)[start_records:]
-    end = next((r for r in reversed(records) if r.get("event") == "end"), None)
-    if end is None or end.get("status") != "completed" or not status.endswith("completed"):
+    if end is None or end.get("status") != "completed":
         raise FederationError(
             f"federation {run_name} ({mode}) did not complete: Flower run {run_id} status {status}; "
-            f"{(end or {}).get('reason', 'no end record in ' + str(log_path))}. Flower log: {run_dir / 'flower.log'}")
+            f"{(end or {}).get('reason') or _last_error(run_dir / 'flower.log')}. Flower log: {run_dir / 'flower.log'}")
     return FederationResult(version=end["version"], registry=out_dir / "registry", run_dir=run_dir, log_path=log_path,
                             run_name=run_name, mode=mode, seconds=seconds, rounds=round_records(log_path))

@@ -218,11 +218,40 @@ class LocalFederation:
         proc.popen.wait(timeout=10)
 
     def close(self) -> None:
+        """Stop every process this federation started, including helpers Flower puts in their own sessions."""
         if self._closed:
             return
         self._closed = True
         for proc in list(self.supernodes.values()) + ([self.superlink] if self.superlink else []):
             proc.stop()
+        # flower-superexec / flwr-simulation / flwr-clientapp run in new sessions; find them by our FLWR_HOME.
+        stragglers = self.leftover_pids()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in stragglers:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 5
+            while (stragglers := self.leftover_pids()) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not stragglers:
+                break
+
+    def leftover_pids(self) -> set[int]:
+        """Live processes started under this federation's private ``FLWR_HOME`` (empty once closed)."""
+        marker = f"FLWR_HOME={self.flwr_home}".encode()
+        found = set()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    if (entry / "stat").read_text().split(") ")[-1].split()[0] != "Z":
+                        found.add(int(entry.name))
+            except OSError:
+                continue
+        return found
 
     def _wait_listening(self, proc: _Proc, port: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -257,8 +286,8 @@ class LocalFederation:
             return f"unknown ({(res.stdout + res.stderr).strip()[-300:]})"
 
     def submit(self, run_config: Mapping, app_dir: str | Path | None = None, timeout: float = 3600,
-               num_supernodes: int | None = None, log_path: str | Path | None = None) -> tuple[int | None, str]:
-        """``flwr run`` the app with ``run_config`` and stream it to the end; returns (run id, status)."""
+               num_supernodes: int | None = None, log_path: str | Path | None = None) -> int:
+        """``flwr run`` the app with ``run_config`` and stream its log until the run ends; returns the run id."""
         import tomli_w
 
         app = Path(app_dir) if app_dir else project_dir()
@@ -293,7 +322,7 @@ class LocalFederation:
             raise FederationError(f"flwr run could not start the run (exit code {proc.returncode}):\n{tail}")
         if proc.returncode and proc.returncode < 0:
             raise FederationError(f"run {run_id} did not finish within {timeout:.0f}s")
-        return run_id, self.wait_finished(run_id)
+        return run_id
 
     def wait_finished(self, run_id: int, timeout: float = 30) -> str:
         """The run's final status (the log stream can end a moment before the status is written)."""

@@ -79,6 +79,7 @@ def run_rounds(grid: Grid, run_config: Mapping) -> str:
         round_offset=start_round,
         norm_state=ArrayRecord(torch_state_dict=norm) if norm else None,
     )
+    _await_sites(grid, len(cfg.sites), grace=min(cfg.round_timeout, 120.0))
     runlog.write("start", run_name=run_name, strategy=cfg.strategy, fedbn=cfg.fedbn, norm=cfg.norm,
                  sites=list(cfg.sites), start_round=start_round + 1, num_rounds=cfg.num_server_rounds,
                  resumed_from=f"{run_name}-r{start_round}" if start_round else None, config=cfg.to_run_config())
@@ -138,6 +139,16 @@ def run_rounds(grid: Grid, run_config: Mapping) -> str:
     runlog.write("end", run_name=run_name, status="completed", version=final, rounds=cfg.num_server_rounds,
                  updated_rounds=updated_rounds)
     return final
+
+
+def _await_sites(grid: Grid, expected: int, grace: float) -> None:
+    """Give every expected SuperNode a moment to connect, so round 1 does not start with only min-sites."""
+    deadline = time.monotonic() + grace
+    while expected and len(list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
+        time.sleep(1)
+    connected = len(list(grid.get_node_ids()))
+    if expected and connected < expected:
+        log.warning("%d of %d sites connected after %.0fs; starting with those", connected, expected, grace)
 
 
 def _fmt(value) -> str:

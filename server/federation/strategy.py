@@ -10,6 +10,7 @@ they stay local. What happened to each site is collected for the run log.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -20,7 +21,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from shared.fedconfig import FederationConfig
 
-__all__ = ["SiteAwareStrategy", "build_strategy", "check_update"]
+__all__ = ["SiteAwareStrategy", "build_strategy", "check_update", "short_reason"]
 
 log = logging.getLogger("fedmri.federation")
 
@@ -38,6 +39,18 @@ def check_update(arrays: ArrayRecord, expected: dict[str, tuple[int, ...]]) -> s
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
             return f"{key}: contains NaN or Inf"
     return None
+
+
+def short_reason(reason: str, limit: int = 500) -> str:
+    """The useful line of a ClientApp error (Ray wraps it in a traceback, the SuperNode in ``<class ..>:<'..'>``)."""
+    text = reason.strip()
+    if "Message: " in text:
+        text = text.rsplit("Message: ", 1)[1]
+    match = re.match(r"<class '([\w.]+)'>:<'(.*)'>$", text, re.S)
+    if match:
+        text = f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2)}"
+    text = text.strip().removesuffix("'>").strip()
+    return text[:limit]
 
 
 class SiteAwareStrategy:
@@ -96,9 +109,13 @@ class SiteAwareStrategy:
                 node = sent.get(msg.metadata.reply_to_message_id, node)
             answered.add(node)
             if msg.has_error():
+                reason = short_reason(msg.error.reason)
+                named = re.match(r"(?:\w+: )?site ([A-Za-z0-9._-]+): ", reason)
+                if named and node not in self.site_of:  # the ClientApp names its site in every error
+                    self.site_of[node] = named.group(1)
                 site = self._site(node)
-                self.current["failed"].append({"site": site, "phase": phase, "reason": msg.error.reason})
-                log.warning("round %d %s: site %s failed: %s", self.global_round(server_round), phase, site, msg.error.reason)
+                self.current["failed"].append({"site": site, "phase": phase, "reason": reason})
+                log.warning("round %d %s: site %s failed: %s", self.global_round(server_round), phase, site, reason)
                 continue
             if "site" in msg.content.config_records:
                 self.site_of[node] = str(msg.content["site"]["name"])

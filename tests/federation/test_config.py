@@ -1,0 +1,104 @@
+"""Run-config parsing and the errors a user sees before any process starts."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from server.federation import FederationError, run_federation
+from server.federation.launcher import check_reachable, free_port
+from shared.fedconfig import RUN_CONFIG_DEFAULTS, FederationConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_pyproject_declares_every_run_config_key_with_the_app_defaults():
+    flwr = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert flwr["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+    assert flwr["config"] == RUN_CONFIG_DEFAULTS
+    assert all(key == key.lower() and "_" not in key for key in flwr["config"])
+
+
+def test_defaults_parse_and_round_trip():
+    cfg = FederationConfig.from_run_config({})
+    assert cfg.strategy == "fedavg" and cfg.norm == "instance" and not cfg.fedbn
+    assert cfg.model_config().channels == (8, 16, 32, 64)
+    assert cfg.data_config().roi_size == (64, 64, 64)
+    assert FederationConfig.from_run_config(cfg.to_run_config()) == cfg
+
+
+def test_values_parse_to_typed_fields():
+    cfg = FederationConfig.from_run_config({"channels": "8,16,32", "spacing": "4,4,4", "roi-size": "32,32,32",
+                                            "fedbn": "true", "sites": "a, b", "strategy": "FedProx"})
+    assert cfg.channels == (8, 16, 32) and cfg.model_config().strides == (2, 2)
+    assert cfg.spacing == (4.0, 4.0, 4.0) and cfg.fedbn is True
+    assert cfg.sites == ("a", "b") and cfg.strategy == "fedprox"
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ({"strategy": "fedsgd"}, "'strategy'"),
+        ({"norm": "layer"}, "'norm'"),
+        ({"num-server-rounds": 0}, "'num-server-rounds'"),
+        ({"local-epochs": 1.5}, "'local-epochs'"),
+        ({"lr": -1}, "'lr'"),
+        ({"lr": "fast"}, "'lr'"),
+        ({"fedbn": "maybe"}, "'fedbn'"),
+        ({"channels": "8,x"}, "'channels'"),
+        ({"roi-size": "4,4,4"}, "roi_size"),
+        ({"data-dir": "relative/path"}, "'data-dir'.*absolute"),
+        ({"min-sites": 3, "sites": "a,b"}, "'min-sites'"),
+        ({"fault-inject": "site-a:explode"}, "'fault-inject'"),
+        ({"run-name": "../escape"}, "'run-name'"),
+        ({"num-rounds": 3}, "unknown run config key"),
+    ],
+)
+def test_bad_values_name_the_key(override, match):
+    with pytest.raises(ValueError, match=match):
+        FederationConfig.from_run_config(override)
+
+
+def test_run_federation_rejects_a_bad_config_before_starting_processes(tiny_data_dir, tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="'strategy'"):
+        run_federation(tiny_data_dir, tmp_path, run_config={"strategy": "fedsgd"})
+    with pytest.raises(ValueError, match="min-sites"):
+        run_federation(tiny_data_dir, tmp_path, sites=["site-a"], run_config={"min-sites": 2})
+    with pytest.raises(ValueError, match="mode"):
+        run_federation(tiny_data_dir, tmp_path, mode="docker")
+    assert time.perf_counter() - start < 5  # nothing was launched
+    assert not (tmp_path / "registry").exists()
+
+
+def test_cli_reports_a_bad_config_value(tiny_data_dir, tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "server.cli", "federate", "--data", str(tiny_data_dir), "--out", str(tmp_path),
+         "--set", "proximal-mu=-1"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 2
+    assert "'proximal-mu'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_unreachable_superlink_is_a_clear_error(tiny_data_dir, tmp_path):
+    port = free_port()  # nothing listens there
+    address = f"127.0.0.1:{port}"
+    with pytest.raises(FederationError, match=f"SuperLink at {address} is not reachable"):
+        check_reachable(address, timeout=2)
+    start = time.perf_counter()
+    with pytest.raises(FederationError, match="not reachable"):
+        run_federation(tiny_data_dir, tmp_path, mode="native", superlink=address, sites=["site-a", "site-b"])
+    assert time.perf_counter() - start < 15
+
+
+def test_free_port_is_loopback_and_not_a_default():
+    port = free_port()
+    assert port not in (8000, 8080, 9091, 9092, 9093)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))  # really free

@@ -1,0 +1,86 @@
+"""Native deployment: real flower-superlink and one flower-supernode per site on 127.0.0.1.
+
+One run serves these tests: it must complete, and killing one SuperNode (SIGKILL, a crash)
+after round 1 must leave a run that finishes with the other sites and names the missing one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from server.federation import run_federation
+from server.federation.runlog import round_records
+from shared.registry import read_meta, served_version
+
+from .helpers import tiny_config
+
+pytestmark = pytest.mark.slow
+
+SITES = ["site-a", "site-b", "site-c"]
+VICTIM = "site-c"
+
+
+@pytest.fixture(scope="module")
+def native_run(tiny_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("native-runs")
+    seen: dict = {"procs": {}}
+
+    def on_start(federation):
+        seen["address"] = federation.address
+        seen["procs"] = {name: (p.popen.pid, p.cmd) for name, p in
+                         [("superlink", federation.superlink)] + [(s, p) for s, p in federation.supernodes.items()]}
+        seen["federation"] = federation
+
+    def on_record(record):
+        if record["event"] == "round" and record["round"] == 1 and "killed" not in seen:
+            seen["federation"].kill_supernode(VICTIM)
+            seen["killed"] = time.monotonic()
+
+    try:
+        result = run_federation(
+            tiny_data_dir, out, mode="native", run_name="native",
+            run_config=tiny_config(**{"num-server-rounds": 2, "round-timeout": 150}),
+            on_start=on_start, on_record=on_record, timeout=420,
+        )
+        seen["leftovers"] = seen["federation"].leftover_pids()
+    finally:
+        if "federation" in seen:
+            seen["federation"].close()
+    return result, seen
+
+
+def test_native_deployment_runs_real_processes_and_completes(native_run):
+    result, seen = native_run
+    host, port = seen["address"].rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) not in (8000, 8080)
+    assert seen["procs"]["superlink"][1][0] == "flower-superlink"
+    for site in SITES:
+        pid, cmd = seen["procs"][site]
+        assert cmd[0] == "flower-supernode" and f'site="{site}"' in cmd[cmd.index("--node-config") + 1]
+    first = round_records(result.log_path)[0]
+    assert first["participants"] == SITES  # every SuperNode trained in round 1
+    assert result.version == "native-r2" and served_version(result.registry) == "native-r2"
+    assert read_meta(result.registry, "native-r1")["sites"] == SITES
+
+
+def test_killed_supernode_is_recorded_missing_and_the_run_finishes(native_run):
+    result, seen = native_run
+    assert "killed" in seen
+    rounds = round_records(result.log_path)
+    assert [r["round"] for r in rounds] == [1, 2]
+    second = rounds[1]
+    assert second["missing"] == [VICTIM]
+    assert second["participants"] == ["site-a", "site-b"] and second["updated"] and second["global_finite"]
+    assert any(r["site"] == VICTIM and r["phase"] == "train" for r in second["no_reply"] + second["failed"])
+    assert read_meta(result.registry, "native-r2")["missing_sites"] == [VICTIM]
+
+
+def test_every_flower_process_is_stopped(native_run):
+    _, seen = native_run
+    assert seen["leftovers"] == set()
+    for pid, _ in seen["procs"].values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
