@@ -94,17 +94,14 @@ def run(args: argparse.Namespace) -> int:
     if args.superlink and args.mode != "native":
         raise ValueError("--superlink needs --mode native")
     try:
-        result = _run(args, run_config, run_federation)
+        result = run_federation(
+            Path(args.data), Path(args.out), sites=args.sites, run_config=run_config, run_name=args.run_name,
+            mode=args.mode, superlink=args.superlink, timeout=args.timeout, on_record=print_record,
+            echo=(lambda line: print(f"  | {line}", flush=True)) if args.flower_log else None,
+        )
     except FederationError as exc:
         print(f"fedmri federate: error: {exc}", file=sys.stderr)
         return 1
     print(f"model {result.version} in {result.registry} ({result.seconds:.0f}s); run log {result.log_path}")
     return 0
 
-
-def _run(args: argparse.Namespace, run_config: dict, run_federation):
-    return run_federation(
-        Path(args.data), Path(args.out), sites=args.sites, run_config=run_config, run_name=args.run_name,
-        mode=args.mode, superlink=args.superlink, timeout=args.timeout, on_record=print_record,
-        echo=(lambda line: print(f"  | {line}", flush=True)) if args.flower_log else None,
-    )
