@@ -44,6 +44,9 @@ __all__ = ["ReportOptions", "ReportResult", "assemble_report", "render_report", 
 log = logging.getLogger(__name__)
 
 FOREGROUND = {k: LABELS[k] for k in FOREGROUND_LABELS}
+# Grey and white matter occur in every case; lesions in some. A site's all-label mean therefore
+# also reflects how many of its cases have a lesion, so fairness is summarised on both.
+TISSUE_LABELS = (1, 2)
 
 
 @dataclass
@@ -196,11 +199,12 @@ def assemble_report(
 ) -> tuple[dict, dict[str, bytes]]:
     """Turn per-site evaluations into the report dict and its figures (PNG bytes)."""
     per_case = {e.site: [c["dice"] for c in e.cases] for e in evaluations}
-    rows = site_table(per_case, FOREGROUND, n_resamples=options.n_resamples, seed=options.seed)
+    rows = site_table(per_case, FOREGROUND, n_resamples=options.n_resamples, seed=options.seed, groups={"tissue": TISSUE_LABELS})
     for row, e in zip(rows, evaluations):
         row["hd95"] = {k: nanmean(c["hd95"].get(k, math.nan) for c in e.cases) if options.hd95 else math.nan for k in FOREGROUND}
         row["cases"] = e.cases
     fairness = summarize_sites({r["site"]: r["dice"]["mean"]["mean"] for r in rows}, options.threshold)
+    tissue = summarize_sites({r["site"]: r["dice"]["tissue"]["mean"] for r in rows}, options.threshold)
     for row in rows:
         row["flagged"] = row["site"] in fairness.flagged
     invariance = _invariance(evaluations, options)
@@ -217,6 +221,7 @@ def assemble_report(
         "sites": rows,
         "skipped": list(skipped),
         "fairness": {"metric": "mean foreground Dice per site", **fairness.to_dict()},
+        "fairness_tissue": {"metric": "mean grey/white matter Dice per site", **tissue.to_dict()},
         "invariance": invariance,
         "histograms": histograms,
         "history": history.to_dict() if history else None,
@@ -241,12 +246,12 @@ def assemble_report(
 
 def _site_section(report: dict) -> str:
     labels = report["labels"]
-    headers = ["site", "cases"] + [f"Dice {n} (95% CI)" for n in labels.values()] + ["mean Dice (95% CI)"]
+    headers = ["site", "cases"] + [f"Dice {n} (95% CI)" for n in labels.values()] + ["mean Dice (95% CI)", "tissue Dice GM+WM (95% CI)"]
     headers += [f"HD95 {n} (mm)" for n in labels.values()]
     rows, classes = [], []
     for r in report["sites"]:
         ci = lambda d: f"{fmt(d['mean'])} [{fmt(d['low'])}, {fmt(d['high'])}]"  # noqa: E731
-        rows.append([r["site"], r["n_cases"]] + [ci(r["dice"][k]) for k in labels] + [ci(r["dice"]["mean"])]
+        rows.append([r["site"], r["n_cases"]] + [ci(r["dice"][k]) for k in labels] + [ci(r["dice"]["mean"]), ci(r["dice"]["tissue"])]
                     + [r["hd95"][k] for k in labels])
         classes.append("flag" if r["flagged"] else "ok")
     note = (f'<p class="note">Intervals: percentile bootstrap over cases ({report["options"]["n_resamples"]} resamples); '
@@ -256,12 +261,16 @@ def _site_section(report: dict) -> str:
 
 
 def _fairness_section(report: dict, figs: dict[str, bytes]) -> str:
-    f = report["fairness"]
-    rows = [["worst site", f["worst_site"] or "–"], ["worst mean Dice", f["worst"]], ["best site", f["best_site"] or "–"],
-            ["best mean Dice", f["best"]], ["best − worst gap", f["gap"]], ["worst / best ratio", f["ratio"]],
-            ["standard deviation over sites", f["std"]], ["mean over sites", f["mean"]], ["threshold", f["threshold"]],
-            ["flagged sites", ", ".join(f["flagged"]) or "none"]]
-    out = table(["across sites", "value"], rows, cls="kv")
+    f, t = report["fairness"], report["fairness_tissue"]
+    rows = [["worst site", f["worst_site"] or "–", t["worst_site"] or "–"], ["worst Dice", f["worst"], t["worst"]],
+            ["best site", f["best_site"] or "–", t["best_site"] or "–"], ["best Dice", f["best"], t["best"]],
+            ["best − worst gap", f["gap"], t["gap"]], ["worst / best ratio", f["ratio"], t["ratio"]],
+            ["standard deviation over sites", f["std"], t["std"]], ["mean over sites", f["mean"], t["mean"]],
+            ["threshold", f["threshold"], t["threshold"]],
+            ["flagged sites (below threshold)", ", ".join(f["flagged"]) or "none", ", ".join(t["flagged"]) or "none"]]
+    out = table(["across sites", "mean Dice (all labels)", "tissue Dice (GM+WM)"], rows, cls="kv")
+    out += ('<p class="note">Lesions occur in some cases only, so the all-label mean also reflects each site\'s lesion '
+            "count; the tissue column compares sites on labels every case has.</p>")
     if "dice" in figs:
         out += image(figs["dice"], "mean Dice per site with 95% intervals")
     return out

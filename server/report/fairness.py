@@ -127,12 +127,15 @@ def site_table(
     confidence: float = 0.95,
     n_resamples: int = 2000,
     seed: int = 0,
+    groups: dict[str, tuple[int, ...]] | None = None,
 ) -> list[dict]:
     """One row per site: case count, per-label Dice and the per-case mean Dice, each with a CI.
 
     Args:
         per_case: ``site -> [ {label: dice, ...} per case ]``; NaN marks a label absent from a case.
         labels: foreground label ids and names, e.g. ``{1: "grey matter", 2: "white matter"}``.
+        groups: extra per-case means over label subsets, e.g. ``{"tissue": (1, 2)}`` adds
+            ``row["dice"]["tissue"]``. ``row["dice"]["mean"]`` is always the mean over ``labels``.
 
     The mean over labels is taken per case first (NaN labels skipped) and then bootstrapped
     over cases, so the interval reflects case-to-case variation.
@@ -142,10 +145,11 @@ def site_table(
         row: dict = {"site": site, "n_cases": len(cases), "dice": {}}
         for label in labels:
             row["dice"][label] = bootstrap_ci([c.get(label, math.nan) for c in cases], confidence, n_resamples, seed).to_dict()
-        case_means = []
-        for c in cases:
-            finite = [c[k] for k in labels if k in c and math.isfinite(c[k])]
-            case_means.append(float(np.mean(finite)) if finite else math.nan)
-        row["dice"]["mean"] = bootstrap_ci(case_means, confidence, n_resamples, seed).to_dict()
+        for group, members in {"mean": tuple(labels), **(groups or {})}.items():
+            case_means = []
+            for c in cases:
+                finite = [c[k] for k in members if k in c and math.isfinite(c[k])]
+                case_means.append(float(np.mean(finite)) if finite else math.nan)
+            row["dice"][group] = bootstrap_ci(case_means, confidence, n_resamples, seed).to_dict()
         rows.append(row)
     return rows

@@ -73,3 +73,6 @@ def test_site_table_means_per_case_first():
     assert row["n_cases"] == 2
     assert row["dice"][3]["n"] == 1 and row["dice"][3]["mean"] == pytest.approx(0.9)
     assert row["dice"]["mean"]["mean"] == pytest.approx(np.mean([0.7, 0.5]))
+    grouped = site_table(per_case, {1: "gm", 2: "wm", 3: "lesion"}, n_resamples=200, groups={"tissue": (1, 2)})[0]
+    assert grouped["dice"]["tissue"]["mean"] == pytest.approx(np.mean([0.7, 0.3]))
+    assert grouped["dice"]["mean"] == row["dice"]["mean"]

@@ -90,6 +90,11 @@ def test_fairness_summary_recomputed_from_the_site_table(tiny_report):
     assert fairness["std"] == pytest.approx(values.std(), abs=1e-6)
     assert sorted(fairness["flagged"]) == sorted(s for s, v in scores.items() if v < 0.4)
     assert {r["site"] for r in rows if r["flagged"] == "True"} == set(fairness["flagged"])
+    tissue = {r["site"]: float(r["dice_tissue"]) for r in rows}
+    assert tissue == pytest.approx({r["site"]: np.mean([float(r["dice_1"]), float(r["dice_2"])]) for r in rows}, abs=1e-6)
+    fairness_tissue = json.loads(tiny_report.files["json"].read_text())["fairness_tissue"]
+    assert fairness_tissue["worst_site"] == min(tissue, key=tissue.get)
+    assert fairness_tissue["gap"] == pytest.approx(max(tissue.values()) - min(tissue.values()), abs=1e-6)
 
 
 def test_invariance_and_stops_in_the_report(tiny_report):
