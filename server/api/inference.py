@@ -75,6 +75,9 @@ class ModelStore:
         if version is None:
             raise ModelNotFoundError(f"no model registered in {self.registry_dir}; run `fedmri train` or `fedmri federate`")
         self.default = self.get(version)
+        # One window through the network now, so the first request does not pay torch's warm-up.
+        roi = self.default.data_config.roi_size
+        predict_logits(self.default.network, torch.zeros((1, *roi)), roi)
         return self.default
 
     def loaded_versions(self) -> list[str]:
@@ -199,7 +202,7 @@ def label_volumes(labels: np.ndarray, affine: np.ndarray, names: dict[int, str])
     voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
     counts = np.bincount(labels.ravel(), minlength=len(names))
     return [
-        {"label": k, "name": name, "voxels": int(counts[k]), "ml": float(counts[k]) * voxel_ml}
+        {"label": k, "name": name, "voxels": int(counts[k]), "ml": round(float(counts[k]) * voxel_ml, 4)}
         for k, name in names.items()
         if k != 0
     ]

@@ -1,0 +1,301 @@
+"""REST inference benchmark: end-to-end latency of POST /v1/segment for a 1 mm brain volume vs
+the in-process sliding-window forward on the same volume, and throughput with 4 concurrent clients.
+
+Everything is measured in one run, interleaved (forward, in-process pipeline, REST, repeat), so a
+change in background load hits all three alike. The server is `fedmri serve` in its own process
+on a loopback port, with the same torch thread count as the in-process measurements.
+
+Run: .venv/bin/python bench/bench_api.py  ->  bench/results/api.{json,md}
+     (--registry runs/registry [--model VERSION] benchmarks a registered model instead of a fresh
+     default-size one; timings do not depend on the weights.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import numpy as np
+import torch
+
+from server.api.inference import ServedModel, _preprocess, encode_segmentation, segment_volume
+from server.api.upload import open_upload
+from shared.data import DataConfig
+from shared.io import load_volume
+from shared.model import ModelConfig, build_unet, count_parameters
+from shared.registry import data_config_from_meta, load_model, mark_served, save_model
+from shared.scanner import ScannerProfile, apply_scanner
+from shared.synth import synthesize_subject
+from shared.training import predict_logits
+
+RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+
+# name -> (model config, data config); "default" is what `fedmri train`/`federate` build without flags.
+CONFIGS = {
+    "default": (ModelConfig(), DataConfig()),
+    # The README's "bigger, for real hardware" configuration.
+    "bigger": (ModelConfig(channels=(16, 32, 64, 128), strides=(2, 2, 2)), DataConfig(roi_size=(96, 96, 96))),
+}
+
+
+def make_volume(out: Path) -> Path:
+    """A 1 mm synthetic brain (MNI152 2009a grid, 197x233x189) through a hospital-b-like scanner, as .nii.gz."""
+    subject = synthesize_subject(seed=11, resolution=1, lesion_probability=1.0)
+    image = apply_scanner(subject.signal, ScannerProfile(scale=4.0, shift=-300.0, noise_std=0.01, spacing=(1.0, 1.0, 1.0)),
+                          np.random.default_rng(11))
+    img = nib.Nifti1Image(image.astype(np.float32), subject.affine)
+    img.header.set_qform(subject.affine, code=1)
+    img.header.set_sform(subject.affine, code=1)
+    img.header.set_xyzt_units("mm")
+    path = out / "brain-1mm.nii.gz"
+    nib.save(img, path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(registry: Path, model: str, threads: int, work: Path) -> tuple[subprocess.Popen, str, Path]:
+    port = free_port()
+    log = work / "server.log"
+    env = {**os.environ, "FEDMRI_TORCH_THREADS": str(threads), "FEDMRI_UPLOAD_DIR": str(work)}
+    env.pop("FEDMRI_API_KEY", None)
+    with log.open("w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--registry", str(registry),
+                                 "--model", model, "--log-level", "warning"], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return proc, url, log
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server not ready after 120 s")
+
+
+def post(url: str, content: bytes, client: httpx.Client | None = None) -> tuple[float, dict[str, float]]:
+    """Seconds from sending the upload to having the whole label map, and the server's stage timings."""
+    start = time.perf_counter()
+    response = (client or httpx).post(url + "/v1/segment", files={"file": ("volume.nii.gz", content)}, timeout=600)
+    seconds = time.perf_counter() - start
+    if response.status_code != 200:
+        raise RuntimeError(f"POST /v1/segment: {response.status_code} {response.text[:300]}")
+    stages = {}
+    for part in response.headers.get("server-timing", "").split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if dur:
+            stages[name] = float(dur) / 1000
+    return seconds, stages
+
+
+def bench_config(name: str, registry: Path, version: str, volume: Path, repeats: int, clients: int, per_client: int,
+                 threads: int, work: Path) -> dict:
+    model, meta = load_model(registry, version)
+    dcfg = data_config_from_meta(meta)
+    served = ServedModel(version, model, meta, dcfg)
+    content = volume.read_bytes()
+
+    # The network's input, prepared once: the forward alone is what the ratio is measured against.
+    image, vol_meta = load_volume(volume)
+    from monai.data import MetaTensor
+
+    prepared = _preprocess(dcfg)({"image": MetaTensor(torch.from_numpy(image), affine=torch.as_tensor(vol_meta["affine"]),
+                                                      meta={"original_channel_dim": "no_channel"})})["image"]
+
+    def forward() -> float:
+        start = time.perf_counter()
+        predict_logits(model, prepared, dcfg.roi_size).argmax(1)
+        return time.perf_counter() - start
+
+    def pipeline() -> float:
+        """The service's work without HTTP: read and check the .nii.gz, preprocess, forward, map back, encode."""
+        folder = Path(tempfile.mkdtemp(dir=work))
+        try:
+            shutil.copy(volume, folder / "upload")
+            start = time.perf_counter()
+            data, meta_ = open_upload(folder / "upload", folder, 512**3)
+            encode_segmentation(segment_volume(served, data, meta_), folder)
+            return time.perf_counter() - start
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    proc, url, _ = start_server(registry, version, threads, work)
+    try:
+        with httpx.Client() as client:
+            forward(), pipeline(), post(url, content, client)  # warm-up: first calls pay one-off costs
+            times: dict[str, list[float]] = {"forward": [], "pipeline": [], "rest": []}
+            stages: list[dict[str, float]] = []
+            for _ in range(repeats):
+                times["forward"].append(forward())
+                times["pipeline"].append(pipeline())
+                seconds, server_stages = post(url, content, client)
+                times["rest"].append(seconds)
+                stages.append(server_stages)
+
+        # Throughput: `clients` threads, each sending `per_client` requests back to back.
+        latencies: list[float] = []
+        barrier = threading.Barrier(clients)
+        lock = threading.Lock()
+
+        def client_loop() -> None:
+            with httpx.Client() as c:
+                barrier.wait()
+                for _ in range(per_client):
+                    seconds, _ = post(url, content, c)
+                    with lock:
+                        latencies.append(seconds)
+
+        workers = [threading.Thread(target=client_loop) for _ in range(clients)]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        wall = time.perf_counter() - start
+        if len(latencies) != clients * per_client:
+            raise RuntimeError("some concurrent requests failed")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    stage_median = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
+    return {
+        "config": name,
+        "model_version": version,
+        "parameters": count_parameters(model),
+        "channels": list(meta["model_config"]["channels"]),
+        "spacing_mm": list(dcfg.spacing),
+        "roi_size": list(dcfg.roi_size),
+        "network_input_shape": list(prepared.shape[1:]),
+        "repeats": repeats,
+        "seconds": {k: [round(x, 4) for x in v] for k, v in times.items()},
+        "median_seconds": {k: round(v, 4) for k, v in med.items()},
+        "ratio_rest_vs_forward": round(med["rest"] / med["forward"], 3),
+        "ratio_rest_vs_inprocess_pipeline": round(med["rest"] / med["pipeline"], 3),
+        "server_stage_median_seconds": {k: round(v, 4) for k, v in stage_median.items()},
+        "concurrency": {
+            "clients": clients,
+            "requests": len(latencies),
+            "wall_seconds": round(wall, 3),
+            "throughput_per_second": round(len(latencies) / wall, 4),
+            "sequential_throughput_per_second": round(1 / med["rest"], 4),
+            "latency_p50_seconds": round(statistics.median(latencies), 3),
+            "latency_max_seconds": round(max(latencies), 3),
+        },
+    }
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    lines = [
+        "# REST inference benchmark",
+        "",
+        f"`bench/bench_api.py`, {result['date']}, {result['machine']}, torch {result['torch']}. "
+        f"Input: {result['volume']['description']} ({result['volume']['bytes'] / 1e6:.1f} MB .nii.gz). "
+        f"Median of {result['configs'][0]['repeats']} interleaved repeats; load average "
+        f"{result['load_average_before']} before, {result['load_average_after']} after (the machine is shared).",
+        "",
+        "| model | network input | forward (s) | in-process pipeline (s) | REST end-to-end (s) | REST / forward | REST / pipeline |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in result["configs"]:
+        m = c["median_seconds"]
+        lines.append(f"| {c['config']} ({c['parameters']:,} params, roi {c['roi_size'][0]}) | {'x'.join(map(str, c['network_input_shape']))} "
+                     f"@ {c['spacing_mm'][0]:g} mm | {m['forward']:.2f} | {m['pipeline']:.2f} | {m['rest']:.2f} | "
+                     f"**{c['ratio_rest_vs_forward']:.2f}** | {c['ratio_rest_vs_inprocess_pipeline']:.2f} |")
+    lines += ["", "Where the REST time goes (server-side medians, seconds):", "",
+              "| model | " + " | ".join(result["configs"][0]["server_stage_median_seconds"]) + " |",
+              "|---|" + "---|" * len(result["configs"][0]["server_stage_median_seconds"])]
+    for c in result["configs"]:
+        lines.append(f"| {c['config']} | " + " | ".join(f"{v:.3f}" for v in c["server_stage_median_seconds"].values()) + " |")
+    lines += ["", "Throughput with concurrent clients (each sends its requests back to back):", "",
+              "| model | clients | requests | wall (s) | throughput (req/s) | sequential (req/s) | latency p50 / max (s) |",
+              "|---|---|---|---|---|---|---|"]
+    for c in result["configs"]:
+        k = c["concurrency"]
+        lines.append(f"| {c['config']} | {k['clients']} | {k['requests']} | {k['wall_seconds']:.1f} | {k['throughput_per_second']:.3f} | "
+                     f"{k['sequential_throughput_per_second']:.3f} | {k['latency_p50_seconds']:.2f} / {k['latency_max_seconds']:.2f} |")
+    lines += ["", "*forward*: `shared.training.predict_logits` (MONAI sliding window) on the already preprocessed volume. "
+              "*in-process pipeline*: the service's own work without HTTP (inflate and check the upload, RAS + Spacingd, "
+              "forward, labels back to the 1 mm grid, encode .nii.gz). *REST*: client-side time from sending the "
+              "upload to holding the whole returned label map.", ""]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="default,bigger", help=f"comma-separated, from {sorted(CONFIGS)}")
+    parser.add_argument("--registry", type=Path, default=None, help="benchmark this registry's model instead")
+    parser.add_argument("--model", default=None, help="version in --registry (default: the served one)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, in-process and server")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    configs = []
+    with tempfile.TemporaryDirectory(prefix="fedmri-bench-api-") as tmp:
+        work = Path(tmp)
+        volume = make_volume(work)
+        if args.registry is not None:
+            from shared.registry import served_version
+
+            version = args.model or served_version(args.registry)
+            print(f"benchmarking {version} from {args.registry}", flush=True)
+            configs.append(bench_config("registry", args.registry, version, volume, args.repeats, args.clients,
+                                        args.requests_per_client, args.threads, work))
+        else:
+            for name in args.configs.split(","):
+                mcfg, dcfg = CONFIGS[name]
+                registry = work / f"registry-{name}"
+                torch.manual_seed(0)
+                save_model(registry, f"bench-{name}", build_unet(mcfg).state_dict(), mcfg, dcfg, kind="bench")
+                mark_served(registry, f"bench-{name}")
+                print(f"benchmarking {name} ...", flush=True)
+                configs.append(bench_config(name, registry, f"bench-{name}", volume, args.repeats, args.clients,
+                                            args.requests_per_client, args.threads, work))
+                print(json.dumps(configs[-1]["median_seconds"]), flush=True)
+        shape = list(nib.load(volume).shape)
+        volume_info = {"description": f"1 mm brain {'x'.join(map(str, shape))} float32", "shape": shape, "bytes": volume.stat().st_size}
+    result = {
+        "benchmark": "REST /v1/segment vs in-process sliding-window forward (1 mm volume)",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch threads",
+        "torch": torch.__version__,
+        "volume": volume_info,
+        "load_average_before": load_before,
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "goal": "REST / forward <= 1.10",
+        "configs": configs,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "api.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, RESULTS / "api.md")
+    print((RESULTS / "api.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
