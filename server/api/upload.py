@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 from fastapi import HTTPException, Request, status
 from python_multipart.exceptions import MultipartParseError
+from starlette.requests import ClientDisconnect
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from shared.errors import InvalidVolumeError
@@ -123,6 +124,8 @@ async def receive_upload(request: Request, dest: Path, max_bytes: int) -> int:
             parser.finalize()
         except MultipartParseError:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, "malformed multipart/form-data body") from None
+        except ClientDisconnect:  # nobody to answer; the caller still deletes what arrived
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, "client disconnected during the upload") from None
     if not part.found:
         got = ", ".join(repr(n) for n in part.other_fields[:5]) or "none"
         raise HTTPException(

@@ -147,3 +147,25 @@ def test_web_page_in_headless_chromium(live_server, site_case, tmp_path):
             shutil.copy(tmp_path / "web-ui.png", REPO / "docs" / "web-ui.png")
     finally:
         browser.quit()
+
+
+def test_client_vanishing_mid_upload_leaves_nothing_behind(live_server):
+    """Half a body, then the connection drops: the partial upload is deleted and the server carries on."""
+    import socket
+
+    boundary = "gone"
+    head = f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.nii.gz\"\r\n\r\n".encode()
+    host, port = live_server["url"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall((f"POST /v1/segment HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1000000\r\n"
+                      f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode() + head + b"\1" * 200_000)
+        deadline = time.monotonic() + 20
+        while not any(p.is_file() for p in live_server["uploads"].rglob("*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any(p.is_file() for p in live_server["uploads"].rglob("*")), "the partial upload never reached disk"
+    deadline = time.monotonic() + 20
+    while list(live_server["uploads"].iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(live_server["uploads"].iterdir()) == []
+    assert httpx.get(live_server["url"] + "/healthz").status_code == 200
+    assert "Traceback" not in live_server["log"].read_text()
