@@ -26,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue --run-name from its last checkpoint")
     parser.add_argument("--superlink", default=None, metavar="HOST:PORT",
                         help="native mode: submit to this running SuperLink (e.g. docker compose's) instead of starting one")
+    parser.add_argument("--tls-dir", default=None, metavar="DIR",
+                        help="native mode: TLS with DIR/{ca.crt,server.pem,server.key} from deploy/gen-certs.sh")
+    parser.add_argument("--auth-keys-dir", default=None, metavar="DIR",
+                        help="native mode: SuperNode authentication with DIR/<site> keys from deploy/gen-node-keys.sh (needs --tls-dir)")
     parser.add_argument("--timeout", type=float, default=3600, help="give up on the run after this many seconds")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other run-config key, e.g. --set proximal-mu=0.1 --set max-steps=20 (TOML values)")
@@ -97,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         result = run_federation(
             Path(args.data), Path(args.out), sites=args.sites, run_config=run_config, run_name=args.run_name,
             mode=args.mode, superlink=args.superlink, timeout=args.timeout, on_record=print_record,
+            tls_dir=args.tls_dir, auth_keys_dir=args.auth_keys_dir,
             echo=(lambda line: print(f"  | {line}", flush=True)) if args.flower_log else None,
         )
     except FederationError as exc:

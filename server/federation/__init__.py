@@ -144,6 +144,8 @@ def run_federation(
     on_record: Callable[[dict], None] | None = None,
     echo: Callable[[str], None] | None = None,
     on_start: Callable[[LocalFederation], None] | None = None,
+    tls_dir: str | Path | None = None,
+    auth_keys_dir: str | Path | None = None,
 ) -> FederationResult:
     """Train one model across the sites under ``data_dir`` with Flower; see the module docstring.
 
@@ -163,6 +165,10 @@ def run_federation(
         echo: called with every line of Flower's streamed log.
         on_start: called with the ``LocalFederation`` once its processes are up (addresses,
             process handles; fault drills stop a SuperNode through it).
+        tls_dir: native mode: ``ca.crt``, ``server.pem``, ``server.key`` from ``deploy/gen-certs.sh``;
+            the SuperLink serves TLS and SuperNodes / ``flwr`` verify it (with ``superlink``: ca.crt only).
+        auth_keys_dir: native mode: ``<site>`` key pairs from ``deploy/gen-node-keys.sh``; enables
+            SuperNode authentication (needs ``tls_dir``).
 
     Raises:
         ValueError: a bad run-config value or mode (names the key).
@@ -174,12 +180,17 @@ def run_federation(
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "simulation" and (superlink or tls_dir or auth_keys_dir):
+        raise ValueError("superlink, tls_dir and auth_keys_dir apply to mode='native' only")
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
     site_dirs = discover_sites(data_dir, list(sites) if sites else None) if not superlink else []
     site_names = [p.name for p in site_dirs] or list(sites or [])
     run_name = run_name or default_run_name()
     overrides = dict(run_config or {})
-    overrides.update({"data-dir": str(data_dir), "out-dir": str(out_dir), "run-name": run_name,
+    # An external SuperLink's ServerApp may see the runs folder under another path (a compose volume):
+    # then run_config's out-dir names it there, and out_dir is where this machine sees the same files.
+    remote_out = overrides.get("out-dir") if superlink else None
+    overrides.update({"data-dir": str(data_dir), "out-dir": remote_out or str(out_dir), "run-name": run_name,
                       "sites": ",".join(site_names)})
     cfg = FederationConfig.from_run_config(overrides)  # bad values fail here, before any process starts
     if cfg.min_sites > len(site_names) and site_names:
@@ -212,7 +223,7 @@ def run_federation(
         federation = LocalFederation(work, simulation=True, echo=echo)
     else:
         federation = LocalFederation(work, sites=None if superlink else dict(zip(site_names, site_dirs)),
-                                     superlink=superlink, echo=echo)
+                                     superlink=superlink, echo=echo, tls_dir=tls_dir, auth_keys_dir=auth_keys_dir)
     try:
         with federation:
             if on_start is not None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 __all__ = [
     "FLOWER_ENV", "FederationError", "LocalFederation", "flower_env", "free_port", "project_dir",
-    "superlink_command", "supernode_command", "check_reachable",
+    "superlink_command", "supernode_command", "superexec_command", "check_reachable",
 ]
 
 # Never install app dependencies at run time, never phone home.
@@ -82,8 +82,11 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
 
 
 def superlink_command(state_dir: str, host: str = "127.0.0.1", port: int = 9093, simulation: bool = False,
-                      tls_dir: str | None = None, supernode_auth: bool = False) -> list[str]:
-    """``flower-superlink`` flags (Flower 1.41: one port serves the Fleet, Control and ServerAppIo APIs)."""
+                      tls_dir: str | None = None, supernode_auth: bool = False, isolation: str | None = None) -> list[str]:
+    """``flower-superlink`` flags (Flower 1.41: one port serves the Fleet, Control and ServerAppIo APIs).
+
+    ``isolation="process"`` leaves the ServerApp to a separate ``flower-superexec`` (docker-compose).
+    """
     cmd = ["flower-superlink", "--disable-runtime-dependency-installation",
            "--database", f"{state_dir}/state.db", "--host", host, "--port", str(port)]
     if tls_dir:
@@ -93,14 +96,20 @@ def superlink_command(state_dir: str, host: str = "127.0.0.1", port: int = 9093,
         cmd.insert(1, "--insecure")
     if supernode_auth:
         cmd.append("--enable-supernode-auth")
+    if isolation:
+        cmd += ["--isolation", isolation]
     if simulation:
         cmd.append("--simulation")
     return cmd
 
 
 def supernode_command(superlink: str, port: int, site: str, data_dir: str, ca_cert: str | None = None,
-                      auth_key: str | None = None) -> list[str]:
-    """``flower-supernode`` for one site; its data folder travels in ``--node-config``."""
+                      auth_key: str | None = None, isolation: str | None = None, host: str | None = None) -> list[str]:
+    """``flower-supernode`` for one site; its data folder travels in ``--node-config``.
+
+    ``port``/``host`` are the SuperNode's own runtime API (a separate ``flower-superexec`` connects
+    there when ``isolation="process"``).
+    """
     cmd = ["flower-supernode", "--superlink", superlink, "--port", str(port),
            "--node-config", f'site="{site}" data-dir="{data_dir}"']
     if ca_cert:
@@ -109,7 +118,17 @@ def supernode_command(superlink: str, port: int, site: str, data_dir: str, ca_ce
         cmd.insert(1, "--insecure")
     if auth_key:
         cmd += ["--auth-supernode-private-key", auth_key]
+    if host:
+        cmd += ["--host", host]
+    if isolation:
+        cmd += ["--isolation", isolation]
     return cmd
+
+
+def superexec_command(runtime_api: str, ca_cert: str | None = None) -> list[str]:
+    """``flower-superexec`` that runs ServerApp or ClientApp processes for the SuperLink / SuperNode at ``runtime_api``."""
+    cmd = ["flower-superexec", "--runtime-api-address", runtime_api]
+    return cmd + (["--root-certificates", ca_cert] if ca_cert else ["--insecure"])
 
 
 class _Proc:
@@ -161,17 +180,30 @@ class LocalFederation:
         simulation: start the SuperLink with ``--simulation``.
         superlink: address of an existing SuperLink to submit to instead of starting one.
         echo: called with every line ``flwr run --stream`` prints.
+        tls_dir: folder with ``ca.crt``, ``server.pem``, ``server.key`` (``deploy/gen-certs.sh``):
+            TLS between SuperLink, SuperNodes and ``flwr``.
+        auth_keys_dir: folder with ``<site>`` / ``<site>.pub`` key pairs (``deploy/gen-node-keys.sh``):
+            SuperNode authentication; each site's public key is registered before it connects.
     """
 
     def __init__(self, work_dir: str | Path, sites: Mapping[str, str | Path] | None = None, simulation: bool = False,
                  superlink: str | None = None, echo: Callable[[str], None] | None = None,
-                 ca_cert: str | None = None) -> None:
+                 tls_dir: str | Path | None = None, auth_keys_dir: str | Path | None = None) -> None:
         self.work_dir = Path(work_dir).resolve()
         self.sites = {name: Path(path).resolve() for name, path in (sites or {}).items()}
         self.simulation = simulation
         self.external = superlink
         self.echo = echo or (lambda line: None)
-        self.ca_cert = ca_cert
+        self.tls_dir = Path(tls_dir).resolve() if tls_dir else None
+        self.ca_cert = str(self.tls_dir / "ca.crt") if self.tls_dir else None
+        self.auth_keys_dir = Path(auth_keys_dir).resolve() if auth_keys_dir else None
+        if self.auth_keys_dir and not self.tls_dir:
+            raise ValueError("SuperNode authentication needs TLS: pass tls_dir too")
+        server_files = ("ca.crt",) if superlink else ("ca.crt", "server.pem", "server.key")
+        for path in ([self.tls_dir / n for n in server_files] if self.tls_dir else []) + (
+                [self.auth_keys_dir / s for s in self.sites] if self.auth_keys_dir else []):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found (deploy/gen-certs.sh and deploy/gen-node-keys.sh make them)")
         self.flwr_home = self.work_dir / "flwr-home"
         self.env = flower_env(self.flwr_home)
         self.address = superlink or ""
@@ -200,15 +232,22 @@ class LocalFederation:
             self.address = f"127.0.0.1:{port}"
             state = self.work_dir / "superlink"
             state.mkdir(exist_ok=True)
-            self.superlink = _Proc("superlink", superlink_command(str(state), port=port, simulation=self.simulation),
-                                   self.env, self.work_dir / "superlink.log")
+            cmd = superlink_command(str(state), port=port, simulation=self.simulation,
+                                    tls_dir=str(self.tls_dir) if self.tls_dir else None,
+                                    supernode_auth=self.auth_keys_dir is not None)
+            self.superlink = _Proc("superlink", cmd, self.env, self.work_dir / "superlink.log")
             self._wait_listening(self.superlink, port, timeout)
         self._write_connection()
         for site, data_dir in self.sites.items():
+            if self.auth_keys_dir:  # the SuperLink only admits registered public keys
+                res = self._flwr("supernode", "register", str(self.auth_keys_dir / f"{site}.pub"), CONNECTION)
+                if res.returncode:
+                    raise FederationError(f"registering {site}'s key failed: {(res.stdout + res.stderr).strip()[-500:]}")
             self.start_supernode(site, data_dir)
 
     def start_supernode(self, site: str, data_dir: Path) -> None:
-        cmd = supernode_command(self.address, free_port(), site, str(data_dir), ca_cert=self.ca_cert)
+        key = str(self.auth_keys_dir / site) if self.auth_keys_dir else None
+        cmd = supernode_command(self.address, free_port(), site, str(data_dir), ca_cert=self.ca_cert, auth_key=key)
         self.supernodes[site] = _Proc(f"supernode-{site}", cmd, self.env, self.work_dir / f"supernode-{site}.log")
 
     def kill_supernode(self, site: str) -> None:
@@ -275,6 +314,14 @@ class LocalFederation:
     def _flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
+
+    def connected_nodes(self) -> list[dict]:
+        """``flwr supernode list``: the SuperNodes the SuperLink knows, with their status."""
+        res = self._flwr("supernode", "list", CONNECTION, "--format", "json")
+        try:
+            return list(json.loads(res.stdout)["nodes"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise FederationError(f"flwr supernode list failed: {(res.stdout + res.stderr).strip()[-500:]}") from None
 
     def run_status(self, run_id: int) -> str:
         """Status of a run as the SuperLink reports it, e.g. ``finished:completed``."""
