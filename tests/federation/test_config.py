@@ -102,3 +102,18 @@ def test_free_port_is_loopback_and_not_a_default():
     assert port not in (8000, 8080, 9091, 9092, 9093)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))  # really free
+
+
+def test_cli_progress_prints_each_site_and_what_went_wrong(capsys):
+    from server.commands.federate import print_record
+
+    print_record({"event": "round", "round": 2, "seconds": 3.5, "updated": True, "missing": ["site-c"],
+                  "sites": {"site-a": {"train": {"train_loss": 0.8123}, "eval": {"dice_1": 0.5, "dice_2": 0.6, "dice_3": None,
+                                                                                 "dice_mean": 0.55}}},
+                  "failed": [], "rejected": [{"site": "site-b", "phase": "train", "reason": "w: contains NaN or Inf"}],
+                  "no_reply": [{"site": "site-c", "phase": "train"}]})
+    out = capsys.readouterr().out
+    assert "round 2 (3.5s)" in out
+    assert "site-a" in out and "loss 0.812" in out and "mean 0.550" in out and "lesion   -  " in out
+    assert "site-b update rejected (train): w: contains NaN or Inf" in out
+    assert "site-c no reply (train)" in out and "missing this round: site-c" in out

@@ -1,0 +1,200 @@
+"""Federation benchmark, measured in one run on this machine.
+
+1. Flower overhead: a federated round (Simulation Engine: 3 sites train ``local-epochs`` and
+   evaluate, the server aggregates and checkpoints) vs the same per-site work done bare in one
+   process (build the network, load the global weights, train the same epochs, evaluate), both
+   after warm-up (data cached). Ratio = federated round / bare round; goal <= 1.10.
+2. Scaling: simulation with 3, 10 and 30 sites (virtual SuperNodes; sites beyond the three real
+   tiny ones are links to them): wall time of the whole ``run_federation`` call and peak memory
+   (sum of RSS over every process of the federation: SuperLink, simulation runtime, Ray workers).
+
+Data: the test suite's three 4 mm sites (regenerated here). Results: bench/results/federation.{json,md}.
+Run: .venv/bin/python bench/bench_federation.py [--epochs 8] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from server.federation import run_federation
+from shared.data import make_train_loader
+from shared.fedconfig import FederationConfig
+from shared.model import build_unet
+from shared.scanner import ScannerProfile
+from shared.synth import SiteSpec, generate_sites
+from shared.training import evaluate, load_site, train_epochs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SPACING = (4.0, 4.0, 4.0)
+SITES = (  # same scanners as tests/conftest.py, a few more cases
+    SiteSpec("site-a", ScannerProfile(scale=1.0, shift=0.0, spacing=SPACING), n_train=4, n_test=0),
+    SiteSpec("site-b", ScannerProfile(scale=4.0, shift=-300.0, spacing=SPACING), n_train=4, n_test=0),
+    SiteSpec("site-c", ScannerProfile(scale=0.25, shift=500.0, gamma=0.7, bias_strength=0.2, noise_std=0.01,
+                                      spacing=SPACING), n_train=3, n_test=0),
+)
+BASE_CONFIG = {"roi-size": "32,32,32", "spacing": "4,4,4", "channels": "8,16,32", "samples-per-volume": 2, "min-sites": 2}
+
+
+class MemorySampler:
+    """Peak of the summed RSS of a federation's processes (found through its private FLWR_HOME)."""
+
+    def __init__(self) -> None:
+        self.federation = None
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def attach(self, federation) -> None:
+        self.federation = federation
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            for pid in self.federation.leftover_pids():
+                try:
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1]) * 1024
+                except OSError:
+                    continue
+            self.peak_bytes = max(self.peak_bytes, total)
+            self._stop.wait(0.25)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def bare_rounds(data_dir: Path, cfg: FederationConfig, rounds: int) -> list[float]:
+    """The federated work without Flower: per round, every site trains then evaluates in turn."""
+    torch.manual_seed(cfg.seed)
+    global_state = build_unet(cfg.model_config()).state_dict()
+    data_cfg = cfg.data_config()
+    sites = []
+    for spec in SITES:  # like a simulation actor after round 1: data validated and cached
+        split = load_site(data_dir / spec.name, data_cfg, seed=cfg.seed)
+        sites.append((split, make_train_loader(split.train, data_cfg, seed=cfg.seed)))
+    times = []
+    for rnd in range(rounds + 1):  # round 0 warms up (caches, allocator), like the federated round 1
+        start = time.perf_counter()
+        states = []
+        for split, loader in sites:
+            model = build_unet(cfg.model_config())
+            model.load_state_dict(global_state)
+            train_epochs(model, loader, epochs=cfg.local_epochs, lr=cfg.lr, max_steps=cfg.max_steps or None)
+            evaluate(model, split.val or split.train, data_cfg)
+            states.append((len(split.train), model.state_dict()))
+        total = sum(n for n, _ in states)
+        global_state = {k: sum(s[k].float() * (n / total) for n, s in states).to(v.dtype) for k, v in global_state.items()}
+        if rnd > 0:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def federated(data_dir: Path, out: Path, run_config: dict, name: str) -> dict:
+    sampler = MemorySampler()
+    try:
+        result = run_federation(data_dir, out, run_config=run_config, run_name=name, on_start=sampler.attach)
+    finally:
+        sampler.stop()
+    return {"wall_s": result.seconds, "round_s": [r["seconds"] for r in result.rounds],
+            "peak_rss_mb": sampler.peak_bytes / 2**20, "sites": len(result.rounds[-1]["participants"])}
+
+
+def link_sites(data_dir: Path, target: Path, n: int) -> Path:
+    """n site folders: links to the three real ones in turn (each virtual node still loads its own)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        link = target / f"site-{i:02d}"
+        if not link.exists():
+            link.symlink_to(data_dir / SITES[i % len(SITES)].name, target_is_directory=True)
+    return target
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=8, help="local epochs per round for the overhead ratio")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds for the overhead ratio (the first is warm-up)")
+    parser.add_argument("--scale", default="3,10,30", help="site counts for the scaling runs")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args()
+
+    load_start = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="bench-federation-"))
+    data = work / "data"
+    generate_sites(data, SITES, seed=0, resolution=4, lesion_probability=0.7)
+
+    # 1. Overhead ratio.
+    ratio_config = {**BASE_CONFIG, "num-server-rounds": args.rounds, "local-epochs": args.epochs}
+    cfg = FederationConfig.from_run_config(ratio_config)
+    fed = federated(data, work / "runs", ratio_config, "overhead")
+    fed_steady = fed["round_s"][1:]  # round 1 includes Ray start-up and data caching
+    bare = bare_rounds(data, cfg, args.rounds - 1)
+    overhead = {
+        "local_epochs": args.epochs, "rounds": args.rounds, "sites": len(SITES),
+        "federated_round_s": fed_steady, "bare_round_s": bare,
+        "federated_first_round_s": fed["round_s"][0], "federated_wall_s": fed["wall_s"],
+        "ratio": statistics.median(fed_steady) / statistics.median(bare),
+        "goal": 1.10,
+    }
+    print(f"overhead: federated round {statistics.median(fed_steady):.2f}s vs bare {statistics.median(bare):.2f}s "
+          f"-> ratio {overhead['ratio']:.3f}", flush=True)
+
+    # 2. Scaling with the number of sites.
+    scaling = []
+    for n in (int(v) for v in args.scale.split(",")):
+        sites_dir = link_sites(data, work / f"data{n}", n)
+        run = federated(sites_dir, work / "runs", {**BASE_CONFIG, "num-server-rounds": 2, "local-epochs": 1}, f"scale{n}")
+        run["n_sites"] = n
+        scaling.append(run)
+        print(f"{n} sites: wall {run['wall_s']:.1f}s, rounds {run['round_s']}, peak RSS {run['peak_rss_mb']:.0f} MiB", flush=True)
+
+    results = {
+        "benchmark": "federation", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+        "config": BASE_CONFIG, "overhead": overhead, "scaling": scaling,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "federation.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        "# Federation benchmark", "",
+        f"Measured {results['time']} on {os.cpu_count()} CPU cores (load average {load_start[0]:.1f} at start, "
+        f"{results['machine']['loadavg_end'][0]:.1f} at end; other work shares the machine). "
+        "Tiny 4 mm sites, UNet channels 8,16,32, 32^3 crops.", "",
+        "## Flower overhead per round", "",
+        f"{len(SITES)} sites, {args.epochs} local epochs, simulation engine, after warm-up.", "",
+        "| | median round (s) | rounds |", "|---|---|---|",
+        f"| federated (Flower simulation) | {statistics.median(fed_steady):.2f} | {', '.join(f'{v:.2f}' for v in fed_steady)} |",
+        f"| bare (same work, one process) | {statistics.median(bare):.2f} | {', '.join(f'{v:.2f}' for v in bare)} |",
+        "", f"**Ratio {overhead['ratio']:.3f}** (goal <= 1.10). First federated round (Ray start-up, data caching): "
+        f"{fed['round_s'][0]:.1f} s; whole run {fed['wall_s']:.1f} s.", "",
+        "## Simulation scaling", "", "2 rounds, 1 local epoch.", "",
+        "| sites | wall (s) | round times (s) | peak RSS, all processes (MiB) |", "|---|---|---|---|",
+    ]
+    lines += [f"| {r['n_sites']} | {r['wall_s']:.1f} | {', '.join(f'{v:.1f}' for v in r['round_s'])} | {r['peak_rss_mb']:.0f} |"
+              for r in scaling]
+    (out / "federation.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / 'federation.json'} and {out / 'federation.md'}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
