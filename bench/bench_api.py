@@ -31,7 +31,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from server.api.inference import ServedModel, _preprocess, encode_segmentation, segment_volume
+from server.api.inference import ServedModel, preprocessing, encode_segmentation, segment_volume
 from server.api.upload import open_upload
 from shared.data import DataConfig
 from shared.io import load_volume
@@ -121,7 +121,7 @@ def bench_config(name: str, registry: Path, version: str, volume: Path, repeats:
     image, vol_meta = load_volume(volume)
     from monai.data import MetaTensor
 
-    prepared = _preprocess(dcfg)({"image": MetaTensor(torch.from_numpy(image), affine=torch.as_tensor(vol_meta["affine"]),
+    prepared = preprocessing(dcfg)({"image": MetaTensor(torch.from_numpy(image), affine=torch.as_tensor(vol_meta["affine"]),
                                                       meta={"original_channel_dim": "no_channel"})})["image"]
 
     def forward() -> float:

@@ -27,7 +27,7 @@ from shared.registry import data_config_from_meta, load_model, served_version
 from shared.synth import LABELS
 from shared.training import predict_logits
 
-__all__ = ["ModelNotFoundError", "ServedModel", "ModelStore", "Segmentation", "segment_volume",
+__all__ = ["ModelNotFoundError", "ServedModel", "ModelStore", "Segmentation", "preprocessing", "segment_volume",
            "labels_to_input_grid", "label_volumes", "input_summary", "preview_slices", "encode_segmentation"]
 
 
@@ -117,7 +117,8 @@ class Segmentation:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _preprocess(data_config: DataConfig):
+def preprocessing(data_config: DataConfig):
+    """Training's preprocessing (``shared.data.preprocess_transforms``) for an already loaded ``"image"``."""
     from monai import transforms as mt
 
     chain = [t for t in preprocess_transforms(data_config, keys=("image",)) if not isinstance(t, mt.LoadImaged)]
@@ -139,7 +140,7 @@ def segment_volume(model: ServedModel, image: np.ndarray, meta: dict, overlap: f
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    transform = _preprocess(model.data_config)
+    transform = preprocessing(model.data_config)
     volume = MetaTensor(
         torch.from_numpy(image),
         affine=torch.as_tensor(meta["affine"], dtype=torch.float64),

@@ -23,7 +23,6 @@ from server.api.routes import health, models, report, segment, ui
 from server.api.routes.ui import STATIC_DIR
 from shared.errors import InvalidVolumeError
 
-
 __all__ = ["create_app"]
 
 log = logging.getLogger("fedmri.api")

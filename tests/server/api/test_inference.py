@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from server.api.inference import (ServedModel, _preprocess, label_volumes, labels_to_input_grid, preview_slices,
+from server.api.inference import (ServedModel, preprocessing, label_volumes, labels_to_input_grid, preview_slices,
                                   segment_volume)
 from shared.data import DataConfig
 
@@ -116,7 +116,7 @@ def test_nearest_back_agrees_with_monai_invertd(phantom, affine, spacing):
     from monai.data import MetaTensor
 
     image = phantom((40, 30, 20))
-    transform = _preprocess(DataConfig(spacing=spacing, roi_size=(16, 16, 16)))
+    transform = preprocessing(DataConfig(spacing=spacing, roi_size=(16, 16, 16)))
     prepared = transform({"image": MetaTensor(torch.from_numpy(image), affine=torch.as_tensor(affine),
                                               meta={"original_channel_dim": "no_channel"})})
     model_labels = ((prepared["image"] > THRESHOLD).int() + (prepared["image"] > 750).int()).to(torch.uint8)
