@@ -27,12 +27,16 @@ from shared.registry import data_config_from_meta, load_model, served_version
 from shared.synth import LABELS
 from shared.training import predict_logits
 
-__all__ = ["ModelNotFoundError", "ServedModel", "ModelStore", "Segmentation", "preprocessing", "segment_volume",
+__all__ = ["ModelNotFoundError", "ModelLoadError", "ServedModel", "ModelStore", "Segmentation", "preprocessing", "segment_volume",
            "labels_to_input_grid", "label_volumes", "input_summary", "preview_slices", "encode_segmentation"]
 
 
 class ModelNotFoundError(LookupError):
     """The requested model version is not in the registry (or none is registered)."""
+
+
+class ModelLoadError(RuntimeError):
+    """A registered version whose weights or metadata cannot be loaded (corrupt or incompatible files)."""
 
 
 @dataclass
@@ -98,6 +102,8 @@ class ModelStore:
                 network, meta = load_model(self.registry_dir, version)
             except (FileNotFoundError, ValueError):
                 raise ModelNotFoundError(f"model version {version!r} not found in the registry") from None
+            except Exception as exc:  # truncated model.pt, state dict of another architecture, bad meta.json
+                raise ModelLoadError(f"model version {version!r} could not be loaded ({type(exc).__name__})") from exc
             served = ServedModel(version, network, meta, data_config_from_meta(meta))
             self._cache[version] = served
             while len(self._cache) > self.cache_size:

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.api.config import ApiSettings
 from server.api.deps import get_settings, require_api_key
-from server.api.inference import ModelNotFoundError, ModelStore
+from server.api.inference import ModelLoadError, ModelNotFoundError, ModelStore
 from server.api.routes import health, models, report, segment, ui
 from server.api.routes.ui import STATIC_DIR
 from shared.errors import InvalidVolumeError
@@ -32,12 +32,14 @@ log = logging.getLogger("fedmri.api")
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load the served model once per process, before the first request."""
     settings: ApiSettings = app.state.settings
+    if settings.upload_dir is not None:
+        settings.upload_dir.mkdir(parents=True, exist_ok=True)
     store = ModelStore(settings.registry_dir, settings.default_model, settings.model_cache_size)
     try:
         model = await run_in_threadpool(store.load_default)
         log.info("serving model %s from %s (torch threads per inference: %d)", model.version, settings.registry_dir,
                  settings.torch_threads or torch.get_num_threads())
-    except ModelNotFoundError as exc:
+    except (ModelNotFoundError, ModelLoadError) as exc:  # stay up, not ready: /readyz says why
         store.error = str(exc)
         log.warning("no model loaded, /readyz answers 503: %s", exc)
     app.state.models = store

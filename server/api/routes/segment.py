@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.api.config import ApiSettings
 from server.api.deps import ModelStoreDep, SettingsDep, require_api_key
-from server.api.inference import (ModelNotFoundError, ModelStore, Segmentation, ServedModel, encode_segmentation,
+from server.api.inference import (ModelLoadError, ModelNotFoundError, ModelStore, Segmentation, ServedModel, encode_segmentation,
                                   input_summary, label_volumes, preview_slices, segment_volume)
 from server.api.schemas import ErrorResponse, SegmentSummary
 from server.api.upload import UPLOAD_FIELD, open_upload, receive_upload
@@ -37,7 +37,7 @@ router = APIRouter(
         413: {"model": ErrorResponse, "description": "upload larger than FEDMRI_MAX_UPLOAD_BYTES"},
         415: {"model": ErrorResponse, "description": "not a multipart/form-data request"},
         422: {"model": ErrorResponse, "description": "not a usable NIfTI volume (the detail says why)"},
-        503: {"model": ErrorResponse, "description": "no model loaded"},
+        503: {"model": ErrorResponse, "description": "no model loaded, or the requested one cannot be loaded"},
     },
 )
 
@@ -75,6 +75,8 @@ class _Outcome:
 def _resolve(store: ModelStore, version: str | None) -> ServedModel:
     try:
         return store.get(version)
+    except ModelLoadError as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
     except ModelNotFoundError as exc:
         code = status.HTTP_404_NOT_FOUND if version is not None else status.HTTP_503_SERVICE_UNAVAILABLE
         raise HTTPException(code, str(exc) if version is not None else f"no model loaded: {store.error or exc}") from None

@@ -28,3 +28,24 @@ def test_not_ready_without_a_model(make_client, tmp_path, nifti_bytes, phantom):
     assert client.get("/healthz").status_code == 200  # alive, just not ready
     response = client.post("/v1/segment", files={"file": ("a.nii.gz", nifti_bytes(phantom(), np.eye(4)))})
     assert response.status_code == 503 and "no model loaded" in response.json()["detail"]
+
+
+def test_corrupt_served_model_keeps_the_server_up_but_not_ready(make_client, api_registry, tmp_path, nifti_bytes, phantom):
+    import shutil
+
+    import numpy as np
+
+    registry = tmp_path / "registry"
+    shutil.copytree(api_registry, registry)
+    weights = registry / "tiny" / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated by a full disk, say
+    client = make_client(registry_dir=registry, upload_dir=tmp_path / "new" / "uploads")
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["detail"].startswith("no model loaded: model version 'tiny' could not be loaded (")
+    upload = {"file": ("a.nii.gz", nifti_bytes(phantom(), np.eye(4)))}
+    response = client.post("/v1/segment?model=tiny", files=upload)
+    assert response.status_code == 503 and "could not be loaded" in response.json()["detail"]
+    # Other versions still work; the upload folder was created on startup.
+    assert client.post("/v1/segment?model=tiny-untrained", files=upload).status_code == 200
+    assert (tmp_path / "new" / "uploads").is_dir()
