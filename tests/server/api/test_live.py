@@ -145,6 +145,16 @@ def test_web_page_in_headless_chromium(live_server, site_case, tmp_path):
         if os.environ.get("FEDMRI_SAVE_SCREENSHOT"):  # refresh the README's picture on request only
             (REPO / "docs").mkdir(exist_ok=True)
             shutil.copy(tmp_path / "web-ui.png", REPO / "docs" / "web-ui.png")
+
+        # A file that is not a volume: the page shows the service's reason.
+        bad = tmp_path / "notes.nii.gz"
+        bad.write_bytes(b"not an image at all\n" * 30)
+        browser.find_element(By.ID, "file").send_keys(str(bad))
+        browser.find_element(By.ID, "submit").click()
+        WebDriverWait(browser, 60).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "error")
+        status = browser.find_element(By.ID, "status")
+        assert "422" in status.text and "not a NIfTI file" in status.text
+        assert "error" in status.get_attribute("class")
     finally:
         browser.quit()
 
