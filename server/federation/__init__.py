@@ -61,7 +61,11 @@ Outputs, for ``out_dir`` and ``run_name``:
   "aggregated": {"train": {...} | null, "eval": {...} | null}, "updated": bool,
   "global_finite": bool, "checkpoint": "<run-name>-r<k>"}``
 
-  ``{"event": "end", "time", "run_name", "status": "completed"|"failed", "version", "rounds", ...}``
+  ``{"event": "end", "time", "run_name", "status": "completed"|"failed", "version", "rounds",
+  "updated_rounds" | "reason"}``
+
+  A resumed run appends a new ``start`` record (``resumed_from`` set) and continues the rounds;
+  ``round_records(path)`` returns one record per round (the latest if a round was repeated).
 
   Dice labels: 1 grey matter, 2 white matter, 3 lesion (``shared.synth.LABELS``).
 """

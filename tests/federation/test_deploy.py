@@ -53,18 +53,18 @@ def test_tls_superlink_admits_registered_supernodes_only(credentials, tiny_data_
         # A SuperNode whose key was never registered is refused.
         cmd = supernode_command(federation.address, free_port(), "intruder", str(tiny_data_dir / "site-b"),
                                 ca_cert=str(certs / "ca.crt"), auth_key=str(keys / "intruder"))
-        intruder = subprocess.Popen(cmd, env=federation.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    start_new_session=True, text=True)
-        try:
-            out, _ = intruder.communicate(timeout=15)
-        except subprocess.TimeoutExpired:  # it keeps retrying; what matters is that it never gets in
-            intruder.kill()
-            out, _ = intruder.communicate()
+        log = tmp_path / "intruder.log"
+        with log.open("w") as sink:
+            intruder = subprocess.Popen(cmd, env=federation.env, stdout=sink, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+            intruder.wait(timeout=60)
+        out = log.read_text()
         assert "Exit Code: 305" in out and "Failed to activate SuperNode" in out  # refused by the SuperLink
         assert [n["status"] for n in federation.connected_nodes()] == ["online"]
     finally:
         if intruder is not None and intruder.poll() is None:
             intruder.kill()
+            intruder.wait()
         federation.close()
     assert federation.leftover_pids() == set()
     assert flower_env(tmp_path)["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
