@@ -95,6 +95,12 @@ def start_server(registry: Path, model: str, threads: int, work: Path) -> tuple[
     raise RuntimeError("server not ready after 120 s")
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def post(url: str, content: bytes, client: httpx.Client | None = None) -> tuple[float, dict[str, float]]:
     """Seconds from sending the upload to having the whole label map, and the server's stage timings."""
     start = time.perf_counter()
@@ -124,9 +130,12 @@ def bench_config(name: str, registry: Path, version: str, volume: Path, repeats:
     prepared = preprocessing(dcfg)({"image": MetaTensor(torch.from_numpy(image), affine=torch.as_tensor(vol_meta["affine"]),
                                                       meta={"original_channel_dim": "no_channel"})})["image"]
 
+    cpu: dict[str, list[float]] = {"forward": [], "pipeline": [], "rest": []}
+
     def forward() -> float:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         predict_logits(model, prepared, dcfg.roi_size).argmax(1)
+        cpu["forward"].append(time.process_time() - cpu_start)
         return time.perf_counter() - start
 
     def pipeline() -> float:
@@ -134,9 +143,10 @@ def bench_config(name: str, registry: Path, version: str, volume: Path, repeats:
         folder = Path(tempfile.mkdtemp(dir=work))
         try:
             shutil.copy(volume, folder / "upload")
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             data, meta_ = open_upload(folder / "upload", folder, 512**3)
             encode_segmentation(segment_volume(served, data, meta_), folder)
+            cpu["pipeline"].append(time.process_time() - cpu_start)
             return time.perf_counter() - start
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -145,12 +155,16 @@ def bench_config(name: str, registry: Path, version: str, volume: Path, repeats:
     try:
         with httpx.Client() as client:
             forward(), pipeline(), post(url, content, client)  # warm-up: first calls pay one-off costs
+            for values in cpu.values():
+                values.clear()
             times: dict[str, list[float]] = {"forward": [], "pipeline": [], "rest": []}
             stages: list[dict[str, float]] = []
             for _ in range(repeats):
                 times["forward"].append(forward())
                 times["pipeline"].append(pipeline())
+                cpu_start = process_cpu_seconds(proc.pid)
                 seconds, server_stages = post(url, content, client)
+                cpu["rest"].append(process_cpu_seconds(proc.pid) - cpu_start)  # the server's CPU for this request
                 times["rest"].append(seconds)
                 stages.append(server_stages)
 
@@ -197,6 +211,9 @@ def bench_config(name: str, registry: Path, version: str, volume: Path, repeats:
         "ratio_rest_vs_forward": round(med["rest"] / med["forward"], 3),
         "ratio_rest_vs_forward_min": round(min(times["rest"]) / min(times["forward"]), 3),
         "ratio_rest_vs_inprocess_pipeline": round(med["rest"] / med["pipeline"], 3),
+        "cpu_seconds": {k: [round(x, 3) for x in v] for k, v in cpu.items()},
+        "median_cpu_seconds": {k: round(statistics.median(v), 3) for k, v in cpu.items()},
+        "ratio_rest_vs_forward_cpu": round(statistics.median(cpu["rest"]) / statistics.median(cpu["forward"]), 3),
         "server_stage_median_seconds": {k: round(v, 4) for k, v in stage_median.items()},
         "concurrency": {
             "clients": clients,
@@ -227,6 +244,13 @@ def write_markdown(result: dict, path: Path) -> None:
         lines.append(f"| {c['config']} ({c['parameters']:,} params, roi {c['roi_size'][0]}) | {'x'.join(map(str, c['network_input_shape']))} "
                      f"@ {c['spacing_mm'][0]:g} mm | {m['forward']:.2f} | {m['pipeline']:.2f} | {m['rest']:.2f} | "
                      f"**{c['ratio_rest_vs_forward']:.2f}** | {c['ratio_rest_vs_forward_min']:.2f} | {c['ratio_rest_vs_inprocess_pipeline']:.2f} |")
+    lines += ["", "The same in CPU seconds (all threads; the server process's CPU for REST), which background load "
+              "distorts less than wall time:", "",
+              "| model | forward CPU (s) | in-process pipeline CPU (s) | REST server CPU (s) | REST / forward (CPU) |",
+              "|---|---|---|---|---|"]
+    for c in result["configs"]:
+        m = c["median_cpu_seconds"]
+        lines.append(f"| {c['config']} | {m['forward']:.2f} | {m['pipeline']:.2f} | {m['rest']:.2f} | **{c['ratio_rest_vs_forward_cpu']:.2f}** |")
     lines += ["", "Where the REST time goes (server-side medians, seconds):", "",
               "| model | " + " | ".join(result["configs"][0]["server_stage_median_seconds"]) + " |",
               "|---|" + "---|" * len(result["configs"][0]["server_stage_median_seconds"])]

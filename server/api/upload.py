@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from shared.errors import InvalidVolumeError
-from shared.io import check_image_header, load_nifti, load_volume
+from shared.io import load_volume
 
 __all__ = ["UPLOAD_FIELD", "SOURCE", "receive_upload", "open_upload"]
 
@@ -223,7 +223,7 @@ def open_upload(raw: Path, work_dir: Path, max_voxels: int) -> tuple[np.ndarray,
     """Validate and read an uploaded ``.nii`` or ``.nii.gz`` as ``(array, meta)`` (see ``shared.io.load_volume``).
 
     The header is checked before voxel data is inflated or read: magic, voxel limit, that the
-    file holds as many bytes as the header claims, then shape and affine (``check_image_header``).
+    file holds as many bytes as the header claims, then shape and affine (``shared.io``).
     ``meta`` gains ``full_shape`` (the header's shape, e.g. ``(X, Y, Z, 1)``) and ``nifti_version``.
 
     Raises:
@@ -243,11 +243,9 @@ def open_upload(raw: Path, work_dir: Path, max_voxels: int) -> tuple[np.ndarray,
         raise InvalidVolumeError(
             f"{SOURCE}: header describes {claimed} bytes of header and voxel data but the file holds only {size} (truncated?)"
         )
-    img = load_nifti(path, SOURCE)
-    check_image_header(img, SOURCE, max_voxels)
-    data, meta = load_volume(path, SOURCE, max_voxels)
+    data, meta = load_volume(path, SOURCE, max_voxels)  # shape and affine checks, then voxels, then NaN/Inf
     if isinstance(data, np.memmap) or data.base is not None:
         data = np.array(data)  # own the voxels: the temporary file is deleted after the response
-    meta["full_shape"] = tuple(int(n) for n in img.shape)
-    meta["nifti_version"] = 2 if isinstance(img, nib.Nifti2Image) else 1
+    meta["full_shape"] = tuple(int(n) for n in meta["header"].get_data_shape())
+    meta["nifti_version"] = 2 if isinstance(meta["header"], nib.Nifti2Header) else 1
     return data, meta

@@ -98,6 +98,7 @@ def _chrome(tmp_path: Path):
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not chromium or not driver:
         pytest.skip("Debian chromium/chromium-driver not installed (apt-get install -y chromium chromium-driver)")
+    os.environ.setdefault("SE_AVOID_STATS", "true")  # selenium: no usage statistics
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
