@@ -86,8 +86,14 @@ _WORKER_SITES: dict = {}
 _ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
-def _init_worker() -> None:
-    torch.set_num_threads(1)  # like a simulated client: one CPU each (Ray num-cpus=1)
+def _init_worker(site_dirs: list[str], run_config: dict) -> None:
+    """One thread like a simulated client (Ray num-cpus=1); every site's data cached up front, so no
+    round pays for loading a site this worker has not served yet."""
+    torch.set_num_threads(1)
+    data_cfg = FederationConfig.from_run_config(run_config).data_config()
+    for site_dir in site_dirs:
+        split = load_site(site_dir, data_cfg, seed=0)
+        _WORKER_SITES[site_dir] = (split, make_train_loader(split.train, data_cfg, seed=0))
 
 
 def _site_round(task: tuple) -> tuple[int, dict]:
@@ -119,7 +125,8 @@ def bare_rounds(data_dir: Path, run_config: dict, rounds: int, workers: int = 2)
     saved = {k: os.environ.get(k) for k in _ONE_THREAD}
     os.environ.update(_ONE_THREAD)
     try:
-        pool = ctx.Pool(workers, initializer=_init_worker)
+        site_dirs = [str(data_dir / spec.name) for spec in SITES]
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(site_dirs, run_config))
     finally:
         for k, v in saved.items():
             if v is None:
@@ -129,8 +136,7 @@ def bare_rounds(data_dir: Path, run_config: dict, rounds: int, workers: int = 2)
     with pool:
         for rnd in range(rounds + 1):  # round 0 warms up (imports, data caching), like federated round 1
             start = time.perf_counter()
-            states = pool.map(_site_round, [(str(data_dir / spec.name), run_config, global_state) for spec in SITES],
-                              chunksize=1)
+            states = pool.map(_site_round, [(d, run_config, global_state) for d in site_dirs], chunksize=1)
             total = sum(n for n, _ in states)
             global_state = {k: sum(s[k].float() * (n / total) for n, s in states).to(v.dtype)
                             for k, v in global_state.items()}
