@@ -62,5 +62,10 @@ def run(args: argparse.Namespace) -> int:
     if f["worst_site"] is not None:
         print(f"worst site {f['worst_site']} ({f['worst']:.3f}), gap {f['gap']:.3f}, ratio {f['ratio']:.3f}, "
               f"std {f['std']:.3f}, flagged: {', '.join(f['flagged']) or 'none'}")
+    t = report["fairness_tissue"]
+    if t["worst_site"] is not None:
+        print(f"tissue Dice (GM+WM): worst site {t['worst_site']} ({t['worst']:.3f}), gap {t['gap']:.3f}, "
+              f"ratio {t['ratio']:.3f}, flagged: {', '.join(t['flagged']) or 'none'}")
+    print(f"invariance score {report['invariance']['score']:.4f} (min {report['invariance']['dice_min']:.4f})")
     print(f"report: {result.files['html']}  (+ report.json, report.csv, sites.csv)")
     return 0 if report["sites"] else 1

@@ -280,13 +280,15 @@ def _invariance_section(report: dict, figs: dict[str, bytes]) -> str:
     inv = report["invariance"]
     if not inv["k"]:
         return '<p class="note">Skipped (k = 0).</p>'
-    rows = [[site, v["n_maps"], v["dice_min"], v["dice_mean"], v["voxel_agreement_min"]] for site, v in inv["sites"].items()]
+    rows = [[site, v["n_maps"], fmt(v["dice_min"], 4), fmt(v["dice_mean"], 4), fmt(v["voxel_agreement_min"], 4)]
+            for site, v in inv["sites"].items()]
     out = (f"<p>Each test volume was mapped by {inv['k']} random <code>x → s·x + b</code> with s log-uniform in "
            f"[{inv['scale_range'][0]:g}, {inv['scale_range'][1]:g}] and b uniform in [{inv['shift_range'][0]:g}, "
            f"{inv['shift_range'][1]:g}]; the table compares the predicted label maps before and after "
            "(Dice over labels present in either map). Instance norm should give 1.000.</p>")
     out += table(["site", "maps", "min Dice", "mean Dice", "min voxel agreement"], rows)
-    out += f"<p><b>Invariance score</b> (mean over all sites and maps): {fmt(inv['score'])}; worst single map: {fmt(inv['dice_min'])}.</p>"
+    out += (f"<p><b>Invariance score</b> (mean over all sites and maps): {fmt(inv['score'], 4)}; "
+            f"worst single map: {fmt(inv['dice_min'], 4)}.</p>")
     return out
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from server.cli import main
 from server.report.ablation import AblationConfig
+from server.report.build import ReportOptions, generate_report
 
 
 @pytest.mark.slow
@@ -72,6 +73,13 @@ def test_ablation_end_to_end(tiny_data_dir, tmp_path, capsys):
         assert title in page
     md = (out / "ablation.md").read_text()
     assert "| federated IN (FedAvg) |" in md and "trained on" in md
+
+    # The fairness report of the federated model finds its run log and plots the rounds.
+    report = generate_report(out / "runs" / "registry", tiny_data_dir, tmp_path / "report", version=variants["fed-in"]["version"],
+                             options=ReportOptions(k=1, gammas=(), bias_strengths=(), n_resamples=100, hd95=False)).report
+    assert report["history"]["rounds"] == [1]
+    assert report["history"]["sites"] == {s: [variants["fed-in"]["fed_val_last_round"][s]] for s in sites}
+    assert report["model"]["kind"] == "federated"
 
 
 @pytest.mark.parametrize("kwargs, match", [({"variants": ("fed-xx",)}, "unknown ablation variant"), ({"rounds": 0}, "rounds")])
