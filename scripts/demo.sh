@@ -7,7 +7,8 @@ source scripts/bootstrap.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
 fedmri generate --out data                                   # 4 hospitals, MNI152-based, 2 mm
-fedmri federate --mode simulation --data data --out runs     # Flower simulation -> runs/registry (served model)
+fedmri federate --mode simulation --data data --out runs \
+  --rounds 15 --local-epochs 2 --lr 0.003                    # Flower simulation (~3 min on 2 cores) -> runs/registry, served
 fedmri report --data data --registry runs/registry --out runs/reports
 echo "Report: $PWD/runs/reports/ (open report.html)"
 exec fedmri serve --host 127.0.0.1 --port "${FEDMRI_PORT:-8080}" --registry runs/registry
