@@ -20,7 +20,7 @@ from server.api.config import ApiSettings
 from server.api.deps import get_settings, require_api_key
 from server.api.inference import ModelLoadError, ModelNotFoundError, ModelStore
 from server.api.routes import health, models, report, segment, ui
-from server.api.routes.ui import STATIC_DIR
+from server.api.routes.ui import STATIC_DIR, SWAGGER_DIR
 from shared.errors import InvalidVolumeError
 
 __all__ = ["create_app"]
@@ -61,6 +61,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         summary="Brain MRI segmentation (grey matter, white matter, lesion) by a federated instance-norm UNet.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served by routes/ui.py from local files instead of a CDN
     )
     app.state.settings = settings
     app.dependency_overrides[get_settings] = lambda: settings  # routes see these settings, not the environment's
@@ -70,5 +71,6 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(segment.router)
     app.include_router(report.router, dependencies=[Depends(require_api_key)])
     app.include_router(ui.router)
+    app.mount("/static/swagger", StaticFiles(directory=SWAGGER_DIR), name="swagger")
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

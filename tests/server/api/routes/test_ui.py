@@ -23,4 +23,15 @@ def test_openapi_documents_the_upload(client):
     body = spec["paths"]["/v1/segment"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["required"] == ["file"] and body["properties"]["file"]["format"] == "binary"
     assert "application/gzip" in spec["paths"]["/v1/segment"]["post"]["responses"]["200"]["content"]
-    assert client.get("/docs").status_code == 200
+
+
+def test_docs_work_offline(client):
+    """Swagger UI comes from the installed wheel, not a CDN: every asset the page names is served here."""
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assets = re.findall(r"(?:src|href)=[\"']([^\"']+)", page.text)
+    assert assets and not [a for a in assets if "//" in a], f"remote assets in /docs: {assets}"
+    for asset in assets:
+        response = client.get(asset)
+        assert response.status_code == 200 and len(response.content) > 100, asset
+    assert "/openapi.json" in page.text
