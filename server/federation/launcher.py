@@ -238,6 +238,7 @@ class LocalFederation:
             self.superlink = _Proc("superlink", cmd, self.env, self.work_dir / "superlink.log")
             self._wait_listening(self.superlink, port, timeout)
         self._write_connection()
+        self._wait_control_api(timeout)
         for site, data_dir in self.sites.items():
             if self.auth_keys_dir:  # the SuperLink only admits registered public keys
                 res = self._flwr("supernode", "register", str(self.auth_keys_dir / f"{site}.pub"), CONNECTION)
@@ -291,6 +292,21 @@ class LocalFederation:
             except OSError:
                 continue
         return found
+
+    def _wait_control_api(self, timeout: float) -> None:
+        """Wait until ``flwr`` commands get answers: on a loaded machine the port accepts connections
+        a moment before the SuperLink serves its Control API, and an early ``flwr run`` then fails."""
+        deadline = time.monotonic() + timeout
+        while True:
+            res = self._flwr("list", CONNECTION, "--format", "json", timeout=max(5.0, timeout))
+            if res.returncode == 0:
+                return
+            if self.superlink is not None and not self.superlink.alive():
+                raise FederationError(f"superlink exited with code {self.superlink.popen.returncode}:\n{self.superlink.tail()}")
+            if time.monotonic() > deadline:
+                raise FederationError(f"SuperLink {self.address} did not answer within {timeout:.0f}s: "
+                                      f"{(res.stdout + res.stderr).strip()[-500:]}")
+            time.sleep(0.5)
 
     def _wait_listening(self, proc: _Proc, port: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
