@@ -10,5 +10,5 @@ fedmri generate --out data                                   # 4 hospitals, MNI1
 fedmri federate --mode simulation --data data --out runs \
   --rounds 15 --local-epochs 2 --lr 0.003                    # Flower simulation (~3 min on 2 cores) -> runs/registry, served
 fedmri report --data data --registry runs/registry --out runs/reports
-echo "Report: $PWD/runs/reports/ (open report.html)"
+echo "Report: $PWD/runs/reports/<model version>/report.html"
 exec fedmri serve --host 127.0.0.1 --port "${FEDMRI_PORT:-8080}" --registry runs/registry
