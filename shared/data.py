@@ -167,7 +167,9 @@ def make_train_loader(cases: list[dict], cfg: DataConfig, seed: int = 0):
     transform.set_random_state(seed=seed)
     data = [{"image": c["image"], "label": c["label"]} for c in cases]
     ds = md.CacheDataset(data, transform, cache_rate=1.0, num_workers=0, progress=False) if cfg.cache else md.Dataset(data, transform)
-    generator = __import__("torch").Generator().manual_seed(seed)
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
     return md.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0, generator=generator)
 
 
