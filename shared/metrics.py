@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from shared.synth import LABELS
 
-__all__ = ["FOREGROUND_LABELS", "per_label_metrics", "prediction_agreement", "nanmean"]
+__all__ = ["FOREGROUND_LABELS", "per_label_metrics", "agreement_dice", "prediction_agreement", "nanmean"]
 
 FOREGROUND_LABELS = tuple(k for k in LABELS if k != 0)
 
@@ -55,12 +56,28 @@ def per_label_metrics(
     return out
 
 
-def prediction_agreement(pred_a: np.ndarray | torch.Tensor, pred_b: np.ndarray | torch.Tensor, num_classes: int = 4) -> dict[str, float]:
-    """How much two label maps agree: share of identical voxels and mean foreground Dice."""
-    a, b = torch.as_tensor(pred_a), torch.as_tensor(pred_b)
-    same = float((a == b).float().mean())
-    dice = per_label_metrics(a, b, num_classes)["dice"]
-    return {"voxel_agreement": same, "dice": nanmean(dice.values())}
+def agreement_dice(pred_a: np.ndarray, pred_b: np.ndarray, labels: Sequence[int] = (1, 2, 3)) -> float:
+    """Mean Dice between two label maps over the labels present in either of them.
+
+    Unlike a ground-truth Dice, a label predicted in only one map counts as 0 (not ignored),
+    and two maps with no foreground at all agree perfectly (1.0).
+    """
+    a, b = np.asarray(pred_a), np.asarray(pred_b)
+    if a.shape != b.shape:
+        raise ValueError(f"label maps differ in shape: {a.shape} vs {b.shape}")
+    scores = []
+    for label in labels:
+        in_a, in_b = a == label, b == label
+        total = int(in_a.sum()) + int(in_b.sum())
+        if total:
+            scores.append(2.0 * int((in_a & in_b).sum()) / total)
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def prediction_agreement(pred_a: np.ndarray | torch.Tensor, pred_b: np.ndarray | torch.Tensor) -> dict[str, float]:
+    """How much two label maps agree: share of identical voxels and :func:`agreement_dice`."""
+    a, b = np.asarray(pred_a), np.asarray(pred_b)
+    return {"voxel_agreement": float((a == b).mean()), "dice": agreement_dice(a, b)}
 
 
 def nanmean(values) -> float:

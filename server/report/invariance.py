@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shared.metrics import agreement_dice
 from shared.scanner import REFERENCE_RANGE, ScannerProfile, apply_scanner
 
 __all__ = [
@@ -74,24 +75,6 @@ def random_affine_maps(
     scales = np.exp(rng.uniform(np.log(lo), np.log(hi), size=k))
     shifts = rng.uniform(shift_range[0], shift_range[1], size=k)
     return [AffineMap(float(s), float(b)) for s, b in zip(scales, shifts)]
-
-
-def agreement_dice(pred_a: np.ndarray, pred_b: np.ndarray, labels: Sequence[int] = (1, 2, 3)) -> float:
-    """Mean Dice between two label maps over the labels present in either of them.
-
-    Unlike a ground-truth Dice, a label predicted in only one map counts as 0 (not ignored),
-    and two maps with no foreground at all agree perfectly (1.0).
-    """
-    a, b = np.asarray(pred_a), np.asarray(pred_b)
-    if a.shape != b.shape:
-        raise ValueError(f"label maps differ in shape: {a.shape} vs {b.shape}")
-    scores = []
-    for label in labels:
-        in_a, in_b = a == label, b == label
-        total = int(in_a.sum()) + int(in_b.sum())
-        if total:
-            scores.append(2.0 * int((in_a & in_b).sum()) / total)
-    return float(np.mean(scores)) if scores else 1.0
 
 
 def _in_signal_range(image: np.ndarray, apply) -> np.ndarray:
