@@ -7,21 +7,13 @@ import torch
 from shared.metrics import per_label_metrics, prediction_agreement
 from shared.model import build_unet
 from shared.registry import list_models, load_model, mark_served, save_model, served_version
-from shared.training import discover_sites, evaluate, load_site, train_epochs, train_on_sites
+from shared.training import evaluate, train_epochs
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data_dir):
+def trained(train_tiny):
     """A tiny IN model trained on the three tiny sites pooled, with its loss history."""
-    from shared.data import DataConfig
-    from shared.model import ModelConfig
-
-    dcfg = DataConfig(spacing=(4.0, 4.0, 4.0), roi_size=(32, 32, 32), val_fraction=0.34)
-    mcfg = ModelConfig(channels=(8, 16, 32), strides=(2, 2))
-    torch.manual_seed(0)
-    model = build_unet(mcfg)
-    sites = [load_site(p, dcfg, with_test=True) for p in discover_sites(tiny_data_dir)]
-    history = train_on_sites(sites, model, dcfg, epochs=8, lr=3e-3)
+    model, history, sites, mcfg, dcfg = train_tiny("instance", epochs=8)
     return model, history, sites, dcfg, mcfg
 
 

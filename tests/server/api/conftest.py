@@ -20,10 +20,8 @@ from fastapi.testclient import TestClient
 
 from server.api.config import ApiSettings
 from server.api.main import create_app
-from shared.data import DataConfig
-from shared.model import ModelConfig, build_unet
+from shared.model import build_unet
 from shared.registry import mark_served, save_model
-from shared.training import discover_sites, load_site, train_on_sites
 
 TRAIN_EPOCHS = 25
 REPO = Path(__file__).resolve().parents[3]
@@ -31,18 +29,13 @@ LIVE_UPLOAD_LIMIT = 2_000_000  # bytes; small so a real-HTTP 413 test stays chea
 
 
 @pytest.fixture(scope="session")
-def api_registry(tiny_data_dir, tmp_path_factory) -> Path:
+def api_registry(train_tiny, tmp_path_factory) -> Path:
     """A registry as the federation writes it: ``tiny`` (trained, served) and ``tiny-untrained``."""
     registry = tmp_path_factory.mktemp("api-registry")
-    mcfg = ModelConfig(channels=(8, 16, 32), strides=(2, 2))
-    dcfg = DataConfig(spacing=(4.0, 4.0, 4.0), roi_size=(32, 32, 32), batch_size=2, samples_per_volume=2, val_fraction=0.34)
+    model, _, sites, mcfg, dcfg = train_tiny("instance", TRAIN_EPOCHS)
     torch.manual_seed(0)
-    untrained = build_unet(mcfg)
+    untrained = build_unet(mcfg)  # the weights the trained model started from
     save_model(registry, "tiny-untrained", untrained.state_dict(), mcfg, dcfg, kind="pooled", strategy="none", norm="instance")
-    model = build_unet(mcfg)
-    model.load_state_dict(untrained.state_dict())
-    sites = [load_site(p, dcfg) for p in discover_sites(tiny_data_dir)]
-    train_on_sites(sites, model, dcfg, TRAIN_EPOCHS, lr=3e-3, seed=0)
     # Shaped like server/federation's meta.json: per site, train and eval metric dicts.
     metrics = {"site-a": {"node_id": 7, "eval": {"dice_mean": 0.61, "hd95_3": float("nan")}, "train": {"train_loss": 0.4}},
                "site-b": {"node_id": 9, "eval": {"dice_mean": 0.6}}}
