@@ -157,6 +157,20 @@ def train_transforms(cfg: DataConfig):
     )
 
 
+def _dataset(data: list[dict], transform, cfg: DataConfig):
+    """In-memory ``CacheDataset`` (through the site's disk cache inside ``shared.cache.use_site_cache``) or plain."""
+    import monai.data as md
+
+    from shared.cache import active_site_cache, cached_dataset
+
+    if not cfg.cache:
+        return md.Dataset(data, transform)
+    site_cache = active_site_cache()
+    if site_cache is not None:
+        return cached_dataset(data, transform, cfg, site_cache)
+    return md.CacheDataset(data, transform, cache_rate=1.0, num_workers=0, progress=False)
+
+
 def make_train_loader(cases: list[dict], cfg: DataConfig, seed: int = 0):
     """A shuffling MONAI DataLoader of random labelled crops."""
     import monai.data as md
@@ -166,7 +180,7 @@ def make_train_loader(cases: list[dict], cfg: DataConfig, seed: int = 0):
     transform = train_transforms(cfg)
     transform.set_random_state(seed=seed)
     data = [{"image": c["image"], "label": c["label"]} for c in cases]
-    ds = md.CacheDataset(data, transform, cache_rate=1.0, num_workers=0, progress=False) if cfg.cache else md.Dataset(data, transform)
+    ds = _dataset(data, transform, cfg)
     import torch
 
     generator = torch.Generator().manual_seed(seed)
@@ -180,4 +194,4 @@ def make_eval_dataset(cases: list[dict], cfg: DataConfig):
 
     data = [{"image": c["image"], "label": c["label"], "name": c.get("name", "")} for c in cases]
     transform = mt.Compose(preprocess_transforms(cfg))
-    return md.CacheDataset(data, transform, cache_rate=1.0, num_workers=0, progress=False) if cfg.cache else md.Dataset(data, transform)
+    return _dataset(data, transform, cfg)
