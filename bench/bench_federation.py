@@ -32,7 +32,7 @@ import torch
 
 from server.federation import run_federation
 from shared.data import make_train_loader
-from shared.fedconfig import FederationConfig
+from shared.runconfig import RunConfig
 from shared.model import build_unet
 from shared.scanner import ScannerProfile
 from shared.synth import SiteSpec, generate_sites
@@ -90,7 +90,7 @@ def _init_worker(site_dirs: list[str], run_config: dict) -> None:
     """One thread like a simulated client (Ray num-cpus=1); every site's data cached up front, so no
     round pays for loading a site this worker has not served yet."""
     torch.set_num_threads(1)
-    data_cfg = FederationConfig.from_run_config(run_config).data_config()
+    data_cfg = RunConfig.from_run_config(run_config).data_config()
     for site_dir in site_dirs:
         split = load_site(site_dir, data_cfg, seed=0)
         _WORKER_SITES[site_dir] = (split, make_train_loader(split.train, data_cfg, seed=0))
@@ -99,14 +99,14 @@ def _init_worker(site_dirs: list[str], run_config: dict) -> None:
 def _site_round(task: tuple) -> tuple[int, dict]:
     """One site's round without Flower: build, load the global weights, train, evaluate."""
     site_dir, run_config, state = task
-    cfg = FederationConfig.from_run_config(run_config)
+    cfg = RunConfig.from_run_config(run_config)
     data_cfg = cfg.data_config()
     if site_dir not in _WORKER_SITES:  # cached per worker process, like a simulation actor
         split = load_site(site_dir, data_cfg, seed=cfg.seed)
         _WORKER_SITES[site_dir] = (split, make_train_loader(split.train, data_cfg, seed=cfg.seed))
     split, loader = _WORKER_SITES[site_dir]
     torch.manual_seed(cfg.seed)
-    model = build_unet(cfg.model_config())
+    model = build_unet(cfg.network_config())
     model.load_state_dict(state)
     train_epochs(model, loader, epochs=cfg.local_epochs, lr=cfg.lr, max_steps=cfg.max_steps or None)
     evaluate(model, split.val or split.train, data_cfg)
@@ -116,9 +116,9 @@ def _site_round(task: tuple) -> tuple[int, dict]:
 def bare_rounds(data_dir: Path, run_config: dict, rounds: int, workers: int = 2) -> list[float]:
     """The federated work without Flower: per round every site trains and evaluates, ``workers`` at a
     time in one-thread processes (the simulation's 2 one-CPU clients), then a weighted average."""
-    cfg = FederationConfig.from_run_config(run_config)
+    cfg = RunConfig.from_run_config(run_config)
     torch.manual_seed(cfg.seed)
-    global_state = build_unet(cfg.model_config()).state_dict()
+    global_state = build_unet(cfg.network_config()).state_dict()
     times = []
     ctx = multiprocessing.get_context("spawn")
     # Ray starts each one-CPU client with these set before torch/numpy load; do the same.

@@ -8,12 +8,13 @@ input may skip past the first IN (``num_res_units=0``; MONAI's residual units ad
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["NORMS", "ModelConfig", "build_unet", "norm_parameter_names", "count_parameters"]
+__all__ = ["NORMS", "ModelConfig", "build_unet", "norm_parameter_names", "split_norm_state", "count_parameters"]
 
 NORMS = ("instance", "batch", "group")
 
@@ -106,6 +107,13 @@ def norm_parameter_names(model: nn.Module) -> set[str]:
             for key in module.state_dict():
                 names.add(f"{module_name}.{key}" if module_name else key)
     return names
+
+
+def split_norm_state(state: Mapping, norm_keys: set[str]) -> tuple[dict, dict]:
+    """Split a state dict into (shared, normalisation) parts; FedBN keeps the second local."""
+    shared = {k: v for k, v in state.items() if k not in norm_keys}
+    local = {k: v for k, v in state.items() if k in norm_keys}
+    return shared, local
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -22,7 +22,8 @@ import torch
 from shared.data import DataConfig
 from shared.model import ModelConfig, build_unet
 
-__all__ = ["save_model", "list_models", "load_model", "mark_served", "served_version", "read_meta", "data_config_from_meta"]
+__all__ = ["save_model", "list_models", "load_model", "mark_served", "served_version", "read_meta", "data_config_from_meta",
+           "last_checkpoint", "resume_point"]
 
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -106,3 +107,24 @@ def load_model(registry: str | Path, version: str | None = None, device: str = "
 
 def data_config_from_meta(meta: dict) -> DataConfig:
     return DataConfig(**meta["data_config"])
+
+
+def last_checkpoint(registry: str | Path, run_name: str) -> tuple[int, str] | None:
+    """(round, version) of the newest complete ``<run-name>-r<round>`` checkpoint, if any."""
+    pattern = re.compile(rf"^{re.escape(run_name)}-r(\d+)$")
+    found = [(int(m.group(1)), p.name) for p in Path(registry).glob(f"{run_name}-r*")
+             if (m := pattern.match(p.name)) and (p / "model.pt").is_file() and (p / "meta.json").is_file()]
+    return max(found) if found else None
+
+
+def resume_point(registry: str | Path, run_name: str, resume: bool) -> tuple[int, str] | None:
+    """Where run ``run_name`` continues from: its last checkpoint if ``resume``, else None.
+
+    Raises:
+        ValueError: the run already has checkpoints but ``resume`` is off (a name is used once).
+    """
+    previous = last_checkpoint(registry, run_name)
+    if previous and not resume:
+        raise ValueError(f"run {run_name!r} already has checkpoints up to round {previous[0]} in {registry}; "
+                         "resume it (run config resume=true, fedmri federate --resume) or choose another run name")
+    return previous

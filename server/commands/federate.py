@@ -7,34 +7,35 @@ import math
 import sys
 from pathlib import Path
 
-from server.commands.options import add_data_dir, add_model_args
+from shared.runconfig import CLI_GROUPS
+
+from server.commands.options import add_data_dir, add_run_config_args, run_config_from_args
 
 HELP = "federated training with Flower: --mode simulation (one command) or native (SuperLink + one SuperNode per site)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_dir(parser)
-    parser.add_argument("--out", default="runs", help="runs folder; checkpoints go to OUT/registry, the run log to OUT/federation/NAME")
+    parser.add_argument("--out", default="runs",
+                        help="runs folder; checkpoints go to OUT/registry, the run log to OUT/federation/NAME")
     parser.add_argument("--mode", choices=("simulation", "native"), default="simulation",
-                        help="simulation: Flower Simulation Engine; native: real flower-superlink/-supernode processes on 127.0.0.1")
-    parser.add_argument("--rounds", type=int, default=3, help="federated rounds")
-    parser.add_argument("--local-epochs", type=int, default=1, help="epochs each site trains per round")
-    parser.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam"), default="fedavg")
-    parser.add_argument("--fedbn", action="store_true", help="keep normalisation layers local at each site (FedBN)")
-    parser.add_argument("--min-sites", type=int, default=2, help="fewest valid site updates needed to aggregate a round")
+                        help="simulation: Flower Simulation Engine; "
+                             "native: real flower-superlink/-supernode processes on 127.0.0.1")
     parser.add_argument("--run-name", default=None, help="registry prefix / run folder (default: fed-<UTC time>)")
     parser.add_argument("--resume", action="store_true", help="continue --run-name from its last checkpoint")
     parser.add_argument("--superlink", default=None, metavar="HOST:PORT",
-                        help="native mode: submit to this running SuperLink (e.g. docker compose's) instead of starting one")
+                        help="native mode: submit to this running SuperLink (e.g. docker compose's) "
+                             "instead of starting one")
     parser.add_argument("--tls-dir", default=None, metavar="DIR",
                         help="native mode: TLS with DIR/{ca.crt,server.pem,server.key} from deploy/gen-certs.sh")
     parser.add_argument("--auth-keys-dir", default=None, metavar="DIR",
-                        help="native mode: SuperNode authentication with DIR/<site> keys from deploy/gen-node-keys.sh (needs --tls-dir)")
+                        help="native mode: SuperNode authentication with DIR/<site> keys from "
+                             "deploy/gen-node-keys.sh (needs --tls-dir)")
     parser.add_argument("--timeout", type=float, default=3600, help="give up on the run after this many seconds")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="any other run-config key, e.g. --set proximal-mu=0.1 --set max-steps=20 (TOML values)")
+                        help="any run-config key, e.g. --set proximal-mu=0.1 --set max-steps=20 (TOML values)")
     parser.add_argument("--flower-log", action="store_true", help="also print Flower's streamed log")
-    add_model_args(parser)
+    add_run_config_args(parser, CLI_GROUPS)
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -85,15 +86,9 @@ def print_record(record: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     from server.federation import FederationError, run_federation
 
-    run_config = {
-        "num-server-rounds": args.rounds, "local-epochs": args.local_epochs, "strategy": args.strategy,
-        "fedbn": args.fedbn, "min-sites": args.min_sites, "resume": args.resume,
-        "norm": args.norm, "groups": args.groups, "zscore": args.zscore, "lr": args.lr, "seed": args.seed,
-        "batch-size": args.batch_size,
-        "channels": ",".join(str(c) for c in args.channels),
-        "roi-size": ",".join(str(v) for v in args.roi),
-        "spacing": ",".join(f"{v:g}" for v in args.spacing),
-    }
+    run_config = run_config_from_args(args)
+    if args.resume:
+        run_config["resume"] = True
     run_config.update(_parse_set(args.set))
     if args.superlink and args.mode != "native":
         raise ValueError("--superlink needs --mode native")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
-from server.commands.options import add_data_dir, add_model_args, data_config, model_config
+from server.commands.options import add_data_dir, add_run_config_args, run_config_from_args
 
 HELP = "train a model without federation: all sites pooled (baseline) or --local per site"
 log = logging.getLogger("fedmri.train")
@@ -17,10 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_dir(parser)
     parser.add_argument("--out", default="runs", help="runs folder; models go to OUT/registry")
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--name", default=None, help="registry version name (default: pooled-<norm> or local-<site>-<norm>)")
+    parser.add_argument("--name", default=None,
+                        help="registry version name (default: pooled-<norm> or local-<site>-<norm>)")
     parser.add_argument("--local", action="store_true", help="train one model per site on that site alone")
     parser.add_argument("--serve", action="store_true", help="mark the trained model as the one the API serves")
-    add_model_args(parser)
+    add_run_config_args(parser, ("model", "data", "train"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,11 +28,13 @@ def run(args: argparse.Namespace) -> int:
 
     from shared.model import build_unet
     from shared.registry import mark_served, save_model
+    from shared.runconfig import RunConfig
     from shared.training import discover_sites, evaluate, load_site, train_on_sites
 
-    torch.manual_seed(args.seed)
-    mcfg, dcfg = model_config(args), data_config(args)
-    sites = [load_site(p, dcfg, seed=args.seed) for p in discover_sites(args.data, args.sites)]
+    cfg = RunConfig.from_run_config(run_config_from_args(args))
+    torch.manual_seed(cfg.seed)
+    mcfg, dcfg = cfg.network_config(), cfg.data_config()
+    sites = [load_site(p, dcfg, seed=cfg.seed) for p in discover_sites(args.data, args.sites)]
     groups = [[s] for s in sites] if args.local else [sites]
     registry = Path(args.out) / "registry"
     for group in groups:
@@ -43,8 +45,9 @@ def run(args: argparse.Namespace) -> int:
         log.info("training %s on %s for %d epochs", version, ",".join(names), args.epochs)
         model = build_unet(mcfg)
         history = train_on_sites(
-            group, model, dcfg, args.epochs, lr=args.lr, seed=args.seed,
-            on_epoch=lambda e, st: print(f"epoch {e}/{args.epochs}  loss {st['train_loss']:.4f}  ({st['seconds']:.1f}s)", flush=True),
+            group, model, dcfg, args.epochs, lr=cfg.lr, seed=cfg.seed,
+            on_epoch=lambda e, st: print(f"epoch {e}/{args.epochs}  loss {st['train_loss']:.4f}  "
+                                         f"({st['seconds']:.1f}s)", flush=True),
         )
         metrics = {}
         for site in sites:
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         folder = save_model(
             registry, version, model.state_dict(), mcfg, dcfg,
             kind="local" if args.local else "pooled", strategy="centralized", norm=mcfg.norm,
-            sites=names, epochs=args.epochs, history=history, metrics=metrics,
+            sites=names, epochs=args.epochs, history=history, metrics=metrics, config=cfg.to_run_config(),
         )
         if args.serve:
             mark_served(registry, version)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,24 +12,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from shared.fedconfig import FederationConfig, split_norm_state
-from shared.model import build_unet, norm_parameter_names
-from shared.registry import mark_served, save_model
-from server.federation.runlog import RUN_LOG_NAME, RunLog, default_run_name, run_dir_for
+from shared.model import build_unet, norm_parameter_names, split_norm_state
+from shared.runconfig import RunConfig
+from shared.registry import mark_served, resume_point, save_model
+from shared.runlog import RUN_LOG_NAME, RunLog, default_run_name, run_dir_for
 from server.federation.strategy import build_strategy
 
-__all__ = ["run_rounds", "last_checkpoint"]
+__all__ = ["run_rounds"]
 
 # A child of Flower's logger, so `flwr run --stream` and `flwr log` show these lines too.
 log = logging.getLogger("flwr.fedmri")
-
-
-def last_checkpoint(registry: Path, run_name: str) -> tuple[int, str] | None:
-    """(round, version) of the newest complete ``<run-name>-r<round>`` checkpoint, if any."""
-    pattern = re.compile(rf"^{re.escape(run_name)}-r(\d+)$")
-    found = [(int(m.group(1)), p.name) for p in registry.glob(f"{run_name}-r*")
-             if (m := pattern.match(p.name)) and (p / "model.pt").is_file() and (p / "meta.json").is_file()]
-    return max(found) if found else None
 
 
 def _complete_state(arrays: ArrayRecord, norm_state: ArrayRecord | None, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -43,22 +34,19 @@ def _complete_state(arrays: ArrayRecord, norm_state: ArrayRecord | None, referen
 
 def run_rounds(grid: Grid, run_config: Mapping) -> str:
     """Run (or resume) the federation described by ``run_config``; returns the served version."""
-    cfg = FederationConfig.from_run_config(run_config)
+    cfg = RunConfig.from_run_config(run_config)
     if not cfg.out_dir:
         raise ValueError("run config 'out-dir' must be set to an absolute path")
     run_name = cfg.run_name or default_run_name()
     registry = Path(cfg.out_dir) / "registry"
     runlog = RunLog(run_dir_for(cfg.out_dir, run_name) / RUN_LOG_NAME)
-    mcfg, dcfg = cfg.model_config(), cfg.data_config()
+    mcfg, dcfg = cfg.network_config(), cfg.data_config()
 
     torch.manual_seed(cfg.seed)  # the clients build the same initial norm layers from this seed
     reference = build_unet(mcfg).state_dict()
     norm_keys = norm_parameter_names(build_unet(mcfg))
     state, start_round = reference, 0
-    previous = last_checkpoint(registry, run_name)
-    if previous and not cfg.resume:
-        raise ValueError(f"run {run_name!r} already has checkpoints up to round {previous[0]} in {registry}; "
-                         "resume it (resume=true) or choose another run-name")
+    previous = resume_point(registry, run_name, cfg.resume)
     if previous:
         start_round, version = previous
         state = torch.load(registry / version / "model.pt", map_location="cpu", weights_only=True)

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from shared.fedconfig import FederationConfig
+from shared.runconfig import RunConfig
 
 __all__ = ["SiteAwareStrategy", "build_strategy", "check_update", "short_reason"]
 
@@ -206,7 +206,7 @@ class SiteAwareFedAdam(SiteAwareStrategy, FedAdam):
     """FedAdam with per-site bookkeeping."""
 
 
-def build_strategy(cfg: FederationConfig, **site_kwargs) -> SiteAwareStrategy:
+def build_strategy(cfg: RunConfig, **site_kwargs) -> SiteAwareStrategy:
     """The configured Flower strategy; every connected site is sampled, ``min-sites`` must answer."""
     common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=cfg.min_sites,
                   min_evaluate_nodes=cfg.min_sites, min_available_nodes=cfg.min_sites, **site_kwargs)

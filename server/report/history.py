@@ -38,7 +38,7 @@ def _dice(site_record) -> float:
 
 def read_history(path: str | Path) -> RoundHistory:
     """Per-site Dice per round of one run log; raises FileNotFoundError if it is missing."""
-    from server.federation.runlog import round_records
+    from shared.runlog import round_records
 
     path = Path(path)
     if not path.is_file():
@@ -59,7 +59,7 @@ def find_run_log(meta: dict, registry: str | Path | None = None) -> Path | None:
     if not run_name or registry is None:
         return None
     from server.federation.rounds import run_dir_for
-    from server.federation.runlog import RUN_LOG_NAME
+    from shared.runlog import RUN_LOG_NAME
 
     path = run_dir_for(Path(registry).parent, str(run_name)) / RUN_LOG_NAME
     return path if path.is_file() else None

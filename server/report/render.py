@@ -7,7 +7,7 @@ import html
 import math
 from collections.abc import Sequence
 
-__all__ = ["fmt", "table", "image", "page"]
+__all__ = ["fmt", "table", "image", "page", "render_report"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
@@ -64,3 +64,99 @@ def page(title: str, sections: Sequence[tuple[str, str]], subtitle: str = "") ->
         parts.append(f'<section id="{anchor}"><h2>{html.escape(heading)}</h2>{inner}</section>')
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _site_section(report: dict) -> str:
+    labels = report["labels"]
+    headers = ["site", "cases"] + [f"Dice {n} (95% CI)" for n in labels.values()] + ["mean Dice (95% CI)", "tissue Dice GM+WM (95% CI)"]
+    headers += [f"HD95 {n} (mm)" for n in labels.values()]
+    rows, classes = [], []
+    for r in report["sites"]:
+        ci = lambda d: f"{fmt(d['mean'])} [{fmt(d['low'])}, {fmt(d['high'])}]"  # noqa: E731
+        rows.append([r["site"], r["n_cases"]] + [ci(r["dice"][k]) for k in labels] + [ci(r["dice"]["mean"]), ci(r["dice"]["tissue"])]
+                    + [r["hd95"][k] for k in labels])
+        classes.append("flag" if r["flagged"] else "ok")
+    note = (f'<p class="note">Intervals: percentile bootstrap over cases ({report["options"]["n_resamples"]} resamples); '
+            "a site with one case has a zero-width interval. Lesion Dice is averaged over cases that contain a lesion. "
+            f"Rows in red score below the threshold {fmt(report['fairness']['threshold'], 2)}.</p>")
+    return table(headers, rows, classes) + note
+
+
+def _fairness_section(report: dict, figs: dict[str, bytes]) -> str:
+    f, t = report["fairness"], report["fairness_tissue"]
+    rows = [["worst site", f["worst_site"] or "–", t["worst_site"] or "–"], ["worst Dice", f["worst"], t["worst"]],
+            ["best site", f["best_site"] or "–", t["best_site"] or "–"], ["best Dice", f["best"], t["best"]],
+            ["best − worst gap", f["gap"], t["gap"]], ["worst / best ratio", f["ratio"], t["ratio"]],
+            ["standard deviation over sites", f["std"], t["std"]], ["mean over sites", f["mean"], t["mean"]],
+            ["threshold", f["threshold"], t["threshold"]],
+            ["flagged sites (below threshold)", ", ".join(f["flagged"]) or "none", ", ".join(t["flagged"]) or "none"]]
+    out = table(["across sites", "mean Dice (all labels)", "tissue Dice (GM+WM)"], rows, cls="kv")
+    out += ('<p class="note">Lesions occur in some cases only, so the all-label mean also reflects each site\'s lesion '
+            "count; the tissue column compares sites on labels every case has.</p>")
+    if "dice" in figs:
+        out += image(figs["dice"], "mean Dice per site with 95% intervals")
+    return out
+
+
+def _invariance_section(report: dict, figs: dict[str, bytes]) -> str:
+    inv = report["invariance"]
+    if not inv["k"]:
+        return '<p class="note">Skipped (k = 0).</p>'
+    rows = [[site, v["n_maps"], fmt(v["dice_min"], 4), fmt(v["dice_mean"], 4), fmt(v["voxel_agreement_min"], 4)]
+            for site, v in inv["sites"].items()]
+    out = (f"<p>Each test volume was mapped by {inv['k']} random <code>x → s·x + b</code> with s log-uniform in "
+           f"[{inv['scale_range'][0]:g}, {inv['scale_range'][1]:g}] and b uniform in [{inv['shift_range'][0]:g}, "
+           f"{inv['shift_range'][1]:g}]; the table compares the predicted label maps before and after "
+           "(Dice over labels present in either map). Instance norm should give 1.000.</p>")
+    out += table(["site", "maps", "min Dice", "mean Dice", "min voxel agreement"], rows)
+    out += (f"<p><b>Invariance score</b> (mean over all sites and maps): {fmt(inv['score'], 4)}; "
+            f"worst single map: {fmt(inv['dice_min'], 4)}.</p>")
+    return out
+
+
+def _stops_section(report: dict, figs: dict[str, bytes]) -> str:
+    inv = report["invariance"]
+    if not inv["stops"]:
+        return '<p class="note">Skipped (no gamma or bias levels).</p>'
+    sites = list(inv["sites"])
+    headers = ["perturbation", "level"] + sites + ["mean", "min"]
+    rows = [["affine s·x+b (reference)", "–"] + [inv["sites"][s]["dice_mean"] for s in sites] + [inv["dice_mean"], inv["dice_min"]]]
+    for s in inv["stops"]:
+        name = "gamma curve x^γ" if s["kind"] == "gamma" else "smooth bias field"
+        rows.append([name, s["level"]] + [s["sites"][site]["dice_mean"] for site in sites] + [s["dice_mean"], s["dice_min"]])
+    out = ("<p>Instance norm removes one scale and one offset per feature map. It cannot undo a non-linear "
+           "contrast curve or a spatially varying bias field; the agreement below falls as those grow. These "
+           "perturbations use <code>shared.scanner</code>, the same code that simulates the hospitals.</p>")
+    out += table(headers, rows)
+    if "stops" in figs:
+        out += image(figs["stops"], "agreement Dice against gamma and bias strength")
+    return out
+
+
+def render_report(report: dict, figs: dict[str, bytes]) -> str:
+    """The report as one self-contained HTML document."""
+    model = report["model"]
+    subtitle = (f"norm={model.get('norm')}, strategy={model.get('strategy', '?')}, trained on "
+                f"{', '.join(model.get('sites') or []) or '?'}; evaluated on held-out imagesTs/labelsTs of "
+                f"{report['data_dir']} at {report['created']}")
+    sections = [("Sites", _site_section(report)), ("Fairness across sites", _fairness_section(report, figs))]
+    if report["skipped"]:
+        items = "".join(f"<li><b>{html.escape(s['site'])}</b>: {html.escape(s['error'])}</li>" for s in report["skipped"])
+        sections.append(("Skipped sites", f'<ul class="skip">{items}</ul>'))
+    sections.append(("Invariance certificate", _invariance_section(report, figs)))
+    sections.append(("Where instance norm stops", _stops_section(report, figs)))
+    if "histograms" in figs:
+        hist_rows = [[s, h["min"], h["p1"], h["median"], h["p99"], h["max"]] for s, h in report["histograms"].items()]
+        sections.append(("Raw intensities per site",
+                         image(figs["histograms"], "raw intensity histograms") + table(["site", "min", "p1", "median", "p99", "max"], hist_rows, cls="")))
+    if "examples" in figs:
+        sections.append(("Example slices", '<p class="note">Orange: grey matter, blue: white matter, red: lesion.</p>'
+                         + image(figs["examples"], "example slices with predicted masks")))
+    if "history" in figs:
+        h = report["history"]
+        rows = [[s] + list(v) for s, v in h["sites"].items()]
+        sections.append(("Federated rounds", image(figs["history"], "per-site Dice over rounds")
+                         + table(["site"] + [f"round {r}" for r in h["rounds"]], rows)))
+    elif report.get("history_note"):
+        sections.append(("Federated rounds", f'<p class="note">{html.escape(report["history_note"])}</p>'))
+    return page(report["title"], sections, subtitle)

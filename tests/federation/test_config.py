@@ -13,7 +13,7 @@ import pytest
 
 from server.federation import FederationError, run_federation
 from server.federation.launcher import check_reachable, free_port
-from shared.fedconfig import RUN_CONFIG_DEFAULTS, FederationConfig
+from shared.runconfig import RunConfig, run_config_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,22 +21,22 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_pyproject_declares_every_run_config_key_with_the_app_defaults():
     flwr = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert flwr["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
-    assert flwr["config"] == RUN_CONFIG_DEFAULTS
+    assert flwr["config"] == run_config_defaults()
     assert all(key == key.lower() and "_" not in key for key in flwr["config"])
 
 
 def test_defaults_parse_and_round_trip():
-    cfg = FederationConfig.from_run_config({})
+    cfg = RunConfig.from_run_config({})
     assert cfg.strategy == "fedavg" and cfg.norm == "instance" and not cfg.fedbn
-    assert cfg.model_config().channels == (8, 16, 32, 64)
+    assert cfg.network_config().channels == (8, 16, 32, 64)
     assert cfg.data_config().roi_size == (64, 64, 64)
-    assert FederationConfig.from_run_config(cfg.to_run_config()) == cfg
+    assert RunConfig.from_run_config(cfg.to_run_config()) == cfg
 
 
 def test_values_parse_to_typed_fields():
-    cfg = FederationConfig.from_run_config({"channels": "8,16,32", "spacing": "4,4,4", "roi-size": "32,32,32",
+    cfg = RunConfig.from_run_config({"channels": "8,16,32", "spacing": "4,4,4", "roi-size": "32,32,32",
                                             "fedbn": "true", "sites": "a, b", "strategy": "FedProx"})
-    assert cfg.channels == (8, 16, 32) and cfg.model_config().strides == (2, 2)
+    assert cfg.channels == (8, 16, 32) and cfg.network_config().strides == (2, 2)
     assert cfg.spacing == (4.0, 4.0, 4.0) and cfg.fedbn is True
     assert cfg.sites == ("a", "b") and cfg.strategy == "fedprox"
 
@@ -62,7 +62,7 @@ def test_values_parse_to_typed_fields():
 )
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ValueError, match=match):
-        FederationConfig.from_run_config(override)
+        RunConfig.from_run_config(override)
 
 
 def test_run_federation_rejects_a_bad_config_before_starting_processes(tiny_data_dir, tmp_path):

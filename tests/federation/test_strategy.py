@@ -10,7 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
 from server.federation.strategy import build_strategy, check_update, short_reason
-from shared.fedconfig import FederationConfig
+from shared.runconfig import RunConfig
 from shared.model import build_unet, norm_parameter_names
 
 
@@ -29,9 +29,9 @@ def _error(node: int, reason: str) -> Message:
 
 
 def _setup(norm: str = "instance", **cfg):
-    config = FederationConfig.from_run_config({"channels": "4,8", "norm": norm, **cfg})
+    config = RunConfig.from_run_config({"channels": "4,8", "norm": norm, **cfg})
     torch.manual_seed(0)
-    net = build_unet(config.model_config())
+    net = build_unet(config.network_config())
     state = {k: v.clone() for k, v in net.state_dict().items()}
     norm_keys = norm_parameter_names(net)
     strategy = build_strategy(config, expected_shapes={k: tuple(v.shape) for k, v in state.items()},

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from shared.scanner import ScannerProfile
-from shared.synth import LABELS, SiteSpec, generate_site, resample_to_spacing, synthesize_subject
+from shared.labels import LABELS
+from shared.synth import SiteSpec, generate_site, resample_to_spacing, synthesize_subject
 
 SPEC = SiteSpec("h-x", ScannerProfile(scale=2.0, shift=-100.0, noise_std=0.01, spacing=(4.0, 4.0, 4.0)), n_train=2, n_test=1)
 

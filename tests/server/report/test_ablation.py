@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from server.cli import main
-from server.report.ablation import AblationConfig
+from server.experiments.ablation import VARIANTS, AblationConfig
 from server.report.build import ReportOptions, generate_report
 
 
@@ -82,12 +82,25 @@ def test_ablation_end_to_end(tiny_data_dir, tmp_path, capsys):
     assert report["model"]["kind"] == "federated"
 
 
-@pytest.mark.parametrize("kwargs, match", [({"variants": ("fed-xx",)}, "unknown ablation variant"), ({"rounds": 0}, "rounds")])
+@pytest.mark.parametrize("kwargs, match", [
+    ({"variants": ("fed-xx",)}, "unknown ablation variant"),
+    ({"run_config": {"num-server-rounds": 0}}, "'num-server-rounds'"),
+    ({"run_config": {"roi": "48,48,48"}}, "unknown run config key"),
+])
 def test_ablation_config_ill_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        AblationConfig(**kwargs)
+        AblationConfig.preset(**kwargs)
 
 
-def test_full_config_is_bigger_than_the_fast_default():
-    fast, full = AblationConfig(), AblationConfig.full(rounds=3)
-    assert full.rounds == 3 and math.prod(full.roi_size) > math.prod(fast.roi_size) and full.spacing < fast.spacing
+def test_full_preset_is_bigger_than_the_fast_default_and_flags_override_it():
+    fast, full = AblationConfig.preset(), AblationConfig.preset(full=True, run_config={"num-server-rounds": 3})
+    assert full.run.num_server_rounds == 3 and full.k > fast.k
+    assert math.prod(full.run.roi_size) > math.prod(fast.run.roi_size) and full.run.spacing < fast.run.spacing
+
+
+def test_variants_are_run_config_overrides_of_one_base():
+    config = AblationConfig.preset(run_config={"channels": "4,8", "lr": 0.01})
+    fedbn = config.variant_config(VARIANTS["fedbn"])
+    assert fedbn.norm == "batch" and fedbn.fedbn and fedbn.channels == (4, 8) and fedbn.lr == 0.01
+    assert config.variant_config(VARIANTS["fed-in"]).replace(norm="batch", fedbn=True) == fedbn
+    assert config.to_dict()["run"]["channels"] == "4,8"

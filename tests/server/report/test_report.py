@@ -164,7 +164,7 @@ def test_cli_reports_the_served_model_and_fails_clearly(trained_registry, tiny_d
 
 
 def test_history_from_a_federation_run_log(tmp_path):
-    from server.federation.runlog import RunLog
+    from shared.runlog import RunLog
 
     log = RunLog(tmp_path / "run.jsonl")
     log.write("start", run_name="x", sites=["a", "b"])

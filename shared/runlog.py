@@ -1,4 +1,37 @@
-"""The JSONL run log: one JSON object per line, appended as the run goes (format in ``server.federation``)."""
+"""The federation run log and its format: one JSON object per line, appended as the run goes.
+
+What a run writes, for ``out_dir`` and ``run_name``:
+
+- ``out_dir/registry/<run-name>-r<k>/`` (``model.pt`` + ``meta.json``) after every round k, via
+  ``shared.registry.save_model``; meta has ``round, strategy, fedbn, norm, sites`` (participants),
+  ``missing_sites, metrics`` (per site), ``aggregated, config, run_name, time, updated``. The last
+  round's checkpoint is marked served (``registry/served.json``).
+- ``out_dir/federation/<run-name>/run.jsonl``: the run log, one JSON object per line. NaN/Inf
+  metrics are written as ``null``. Records:
+
+  ``{"event": "start", "time", "run_name", "strategy", "fedbn", "norm", "sites", "start_round",
+  "num_rounds", "resumed_from", "config"}``
+
+  ``{"event": "round", "time", "run_name", "round": k, "seconds",
+  "participants": [sites whose update was aggregated],
+  "missing": [expected sites that did not contribute an update this round],
+  "sites": {"<site>": {"node_id", "train": {"train_loss", "first_loss", "steps", "seconds",
+  "num-examples"}, "eval": {"dice_1", "dice_2", "dice_3", "dice_mean", ["hd95_1".."hd95_3"],
+  "eval_on_train", "num-examples"}}},
+  "failed": [{"site", "phase": "train"|"evaluate", "reason"}],   # the site's ClientApp raised
+  "rejected": [{"site", "phase", "reason"}],                      # NaN/Inf/wrong-shape update
+  "no_reply": [{"site", "phase"}],                                # no answer (node down, timeout)
+  "aggregated": {"train": {...} | null, "eval": {...} | null}, "updated": bool,
+  "global_finite": bool, "checkpoint": "<run-name>-r<k>"}``
+
+  ``{"event": "end", "time", "run_name", "status": "completed"|"failed", "version", "rounds",
+  "updated_rounds" | "reason"}``
+
+  A resumed run appends a new ``start`` record (``resumed_from`` set) and continues the rounds;
+  ``round_records(path)`` returns one record per round (the latest if a round was repeated).
+
+  Dice labels: 1 grey matter, 2 white matter, 3 lesion (``shared.labels.LABELS``).
+"""
 
 from __future__ import annotations
 

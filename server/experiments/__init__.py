@@ -1,0 +1,1 @@
+"""Experiments that train and compare models (the ablation); ``server.report`` renders their results."""
