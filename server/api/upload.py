@@ -21,6 +21,8 @@ from python_multipart.exceptions import MultipartParseError
 from starlette.requests import ClientDisconnect
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from server.api.dicom_upload import open_dicom_upload
+from shared.dicom import is_zip
 from shared.errors import InvalidVolumeError
 from shared.io import load_volume
 
@@ -232,6 +234,8 @@ def open_upload(raw: Path, work_dir: Path, max_voxels: int) -> tuple[np.ndarray,
     path = work_dir / "volume.nii"
     with raw.open("rb") as f:
         prefix = f.read(HEADER_PREFIX)
+    if is_zip(prefix):  # a zipped DICOM series: server/api/dicom_upload.py
+        return open_dicom_upload(raw, work_dir, max_voxels)
     if prefix[:2] == GZIP_MAGIC:
         prefix = _gunzip(raw, path, max_voxels)
         raw.unlink()

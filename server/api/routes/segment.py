@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.api.config import ApiSettings
 from server.api.deps import ModelStoreDep, SettingsDep, require_api_key
+from server.api.dicom_upload import OutputFormat, dicom_seg_response
 from server.api.inference import (ModelLoadError, ModelNotFoundError, ModelStore, Segmentation, ServedModel, encode_segmentation,
                                   input_summary, label_volumes, preview_slices, segment_volume)
 from server.api.schemas import ErrorResponse, SegmentSummary
@@ -129,12 +130,16 @@ def _server_timing(timings: dict[str, float]) -> str:
     openapi_extra=UPLOAD_BODY,
     responses={200: {"content": {"application/gzip": {}}, "description": "the label map (.nii.gz) on the input's grid"}},
 )
-async def segment(request: Request, settings: SettingsDep, store: ModelStoreDep, version: ModelVersion = None) -> Response:
+async def segment(request: Request, settings: SettingsDep, store: ModelStoreDep, version: ModelVersion = None,
+                  output: OutputFormat = "nifti") -> Response:
     """Segment an uploaded volume; returns the label map with the input's shape, affine and q/sform codes.
 
-    Labels: 0 background, 1 grey matter, 2 white matter, 3 lesion.
+    Labels: 0 background, 1 grey matter, 2 white matter, 3 lesion. A zipped DICOM series is
+    accepted too; ``?format=dicom-seg`` then returns a DICOM Segmentation of it.
     """
-    outcome = await _segment(request, settings, store, version, nifti=True, preview=False)
+    outcome = await _segment(request, settings, store, version, nifti=output == "nifti", preview=False)
+    if output == "dicom-seg":  # server/api/dicom_upload.py
+        return await run_in_threadpool(dicom_seg_response, outcome.seg, _server_timing(outcome.timings))
     return Response(
         content=outcome.nifti,
         media_type="application/gzip",
