@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 import zipfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -317,7 +317,7 @@ def _nifti_header(affine: np.ndarray, shape: tuple[int, int, int]) -> nib.Nifti1
 
 
 def series_to_volume(datasets: Sequence, source: str = "upload", max_voxels: int | None = None,
-                     dtype: type = np.float32) -> tuple[np.ndarray, dict]:
+                     dtype: type = np.float32, check_grid: Callable | None = None) -> tuple[np.ndarray, dict]:
     """Stack one MR series into ``(array, meta)`` as ``shared.io.load_volume`` returns it.
 
     Args:
@@ -325,6 +325,8 @@ def series_to_volume(datasets: Sequence, source: str = "upload", max_voxels: int
         source: how error messages name the input.
         max_voxels: largest accepted volume, checked before any pixel is decoded.
         dtype: array type.
+        check_grid: ``check_grid(shape, affine)``, called before any pixel is decoded (the API's
+            work budget); it raises to refuse the grid.
 
     Returns:
         ``array`` of shape ``(columns, rows, slices)`` and ``meta`` with ``affine`` (RAS),
@@ -336,6 +338,8 @@ def series_to_volume(datasets: Sequence, source: str = "upload", max_voxels: int
             spacing, undecodable compression, inconsistent geometry, too many voxels, NaN/Inf.
     """
     geometry = _series_geometry(list(datasets), source, max_voxels)
+    if check_grid is not None:
+        check_grid(geometry.shape, geometry.affine)
     cols, rows, n = geometry.shape
     volume = np.empty(geometry.shape, dtype=dtype)
     for k, ds in enumerate(geometry.datasets):
@@ -354,13 +358,15 @@ def series_to_volume(datasets: Sequence, source: str = "upload", max_voxels: int
         "full_shape": geometry.shape,
         "nifti_version": 1,
         "dicom": geometry.datasets,
+        "warnings": [],
     }
     return volume, meta
 
 
-def read_series_zip(path: str | Path, source: str = "upload", limits: ZipLimits = ZipLimits()) -> tuple[np.ndarray, dict]:
+def read_series_zip(path: str | Path, source: str = "upload", limits: ZipLimits = ZipLimits(),
+                    check_grid: Callable | None = None) -> tuple[np.ndarray, dict]:
     """A zip of one MR series' DICOM files -> ``(array, meta)`` (see :func:`series_to_volume`)."""
-    return series_to_volume(read_zip_datasets(path, limits, source), source, limits.max_voxels)
+    return series_to_volume(read_zip_datasets(path, limits, source), source, limits.max_voxels, check_grid=check_grid)
 
 
 # --- DICOM SEG -------------------------------------------------------------------------------

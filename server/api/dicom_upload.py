@@ -10,6 +10,7 @@ uncompressed size and the series' size before any entry is inflated or pixel dec
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -25,10 +26,14 @@ SEG_MEDIA_TYPE = "application/dicom"
 SOURCE = "upload"
 
 
-def open_dicom_upload(raw: Path, work_dir: Path, max_voxels: int) -> tuple[np.ndarray, dict]:
-    """Validate and read a zipped DICOM series as ``(array, meta)``; the zip is deleted after reading."""
+def open_dicom_upload(raw: Path, work_dir: Path, max_voxels: int,
+                      check_grid: Callable | None = None) -> tuple[np.ndarray, dict]:
+    """Validate and read a zipped DICOM series as ``(array, meta)``; the zip is deleted after reading.
+
+    ``check_grid(shape, affine)`` (the API's work budget) sees the series' grid before any pixel is decoded.
+    """
     try:
-        return read_series_zip(raw, SOURCE, ZipLimits(max_voxels=max_voxels))
+        return read_series_zip(raw, SOURCE, ZipLimits(max_voxels=max_voxels), check_grid)
     finally:
         raw.unlink(missing_ok=True)
 
