@@ -15,18 +15,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from shared.data import DataConfig, make_train_loader
+from shared.data import DataConfig, make_train_loader, reseed_loader, sampling_seed
 from shared.errors import InvalidSiteError
-from shared.fedconfig import FederationConfig, split_norm_state
-from shared.model import build_unet, norm_parameter_names
-from shared.training import evaluate, load_site, train_epochs
+from shared.model import build_unet, norm_parameter_names, split_norm_state
+from shared.runconfig import RunConfig
+from shared.training import DEFAULT_LR_SCHEDULE, evaluate, load_site, planned_steps, train_epochs
 
 app = ClientApp()
 
 LOCAL_NORM_KEY = "fedbn-local-norm"
 
 
-def _site_of(context: Context, cfg: FederationConfig) -> tuple[str, Path]:
+def _site_of(context: Context, cfg: RunConfig) -> tuple[str, Path]:
     """This node's site name and data folder."""
     node = context.node_config
     if "data-dir" in node:
@@ -61,19 +61,19 @@ def _named(site: str):
 
 
 def _load(context: Context, msg: Message):
-    cfg = FederationConfig.from_run_config(context.run_config)
+    cfg = RunConfig.from_run_config(context.run_config)
     site, data_dir = _site_of(context, cfg)
     data_cfg = cfg.data_config()
     with _named(site):
         split, loader = _site_data(str(data_dir), tuple(sorted((k, v) for k, v in vars(data_cfg).items())), cfg.seed)
     torch.manual_seed(cfg.seed)  # same initial norm layers at every site
-    model = build_unet(cfg.model_config())
+    model = build_unet(cfg.network_config())
     with _named(site):
         _apply_global(model, msg.content["arrays"].to_torch_state_dict(), context, cfg)
     return cfg, site, split, loader, model
 
 
-def _apply_global(model: torch.nn.Module, state: dict, context: Context, cfg: FederationConfig) -> None:
+def _apply_global(model: torch.nn.Module, state: dict, context: Context, cfg: RunConfig) -> None:
     """Load the global weights; under FedBN the site's own normalisation layers are put back."""
     norm_keys = norm_parameter_names(model)
     if cfg.fedbn and LOCAL_NORM_KEY in context.state:
@@ -101,11 +101,15 @@ def train(msg: Message, context: Context) -> Message:
     cfg, site, split, loader, model = _load(context, msg)
     round_ = int(msg.content["config"].get("global-round", msg.content["config"].get("server-round", 1)))
     torch.manual_seed(cfg.seed * 1000 + round_)
+    reseed_loader(loader, sampling_seed(cfg.seed, site, round_))  # new crops every round, in both modes
+    per_round = planned_steps(loader, cfg.local_epochs, cfg.max_steps or None)
     with _named(site):
         stats = train_epochs(
             model, loader, epochs=cfg.local_epochs, lr=cfg.lr,
             proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
             max_steps=cfg.max_steps or None,
+            lr_schedule=getattr(cfg, "lr_schedule", DEFAULT_LR_SCHEDULE),  # decays over all rounds
+            step_offset=(round_ - 1) * per_round, total_steps=cfg.num_server_rounds * per_round,
         )
     state = model.state_dict()
     if cfg.fedbn:
@@ -119,6 +123,8 @@ def train(msg: Message, context: Context) -> Message:
         "first_loss": stats["first_loss"],
         "steps": int(stats["steps"]),
         "seconds": stats["seconds"],
+        "lr_last": stats["lr_last"],
+        "crop_fingerprint": stats["crop_fingerprint"],
         "num-examples": len(split.train),
     })
     content = RecordDict({"arrays": ArrayRecord(torch_state_dict=state), "metrics": metrics,

@@ -8,6 +8,7 @@ replicate/border everywhere.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,11 +16,11 @@ import numpy as np
 
 from shared.errors import InvalidSiteError, InvalidVolumeError
 from shared.io import check_image_header, is_nifti_path, load_nifti
+from shared.labels import NUM_CLASSES
 
 __all__ = ["DataConfig", "find_cases", "validate_cases", "split_train_val", "preprocess_transforms",
-           "train_transforms", "make_train_loader", "make_eval_dataset"]
+           "train_transforms", "make_train_loader", "make_eval_dataset", "sampling_seed", "reseed_loader"]
 
-NUM_CLASSES = 4
 
 
 @dataclass
@@ -157,6 +158,29 @@ def train_transforms(cfg: DataConfig):
     )
 
 
+def sampling_seed(seed: int, site: str, round_: int) -> int:
+    """The data-sampling seed of one site in one federated round, from ``(seed, site, round)``.
+
+    Native Flower starts a fresh ClientApp process per message, so a loader seeded once would
+    draw the same crops, flips and order every round; deriving the seed from the round gives new
+    crops each round in both modes, and the same ones again when a run is repeated.
+    """
+    words = [int(seed), zlib.crc32(str(site).encode()), int(round_)]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint32)[0])
+
+
+def reseed_loader(loader, seed: int) -> None:
+    """Restart a :func:`make_train_loader` loader's random streams (crops, flips, order) from ``seed``.
+
+    After this the loader yields exactly what a new loader made with ``seed`` would yield,
+    whatever it drew before (cached volumes are kept).
+    """
+    from monai.data.utils import set_rnd
+
+    loader.generator.manual_seed(int(seed))
+    set_rnd(loader.dataset, int(seed))
+
+
 def _dataset(data: list[dict], transform, cfg: DataConfig):
     """In-memory ``CacheDataset`` (through the site's disk cache inside ``shared.cache.use_site_cache``) or plain."""
     import monai.data as md
@@ -172,19 +196,19 @@ def _dataset(data: list[dict], transform, cfg: DataConfig):
 
 
 def make_train_loader(cases: list[dict], cfg: DataConfig, seed: int = 0):
-    """A shuffling MONAI DataLoader of random labelled crops."""
+    """A shuffling MONAI DataLoader of random labelled crops; its random streams come from ``seed`` alone."""
     import monai.data as md
+    import torch
 
     if not cases:
         raise InvalidSiteError("no training cases")
     transform = train_transforms(cfg)
-    transform.set_random_state(seed=seed)
     data = [{"image": c["image"], "label": c["label"]} for c in cases]
     ds = _dataset(data, transform, cfg)
-    import torch
-
     generator = torch.Generator().manual_seed(seed)
-    return md.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0, generator=generator)
+    loader = md.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0, generator=generator)
+    reseed_loader(loader, seed)
+    return loader
 
 
 def make_eval_dataset(cases: list[dict], cfg: DataConfig):

@@ -13,9 +13,13 @@ import numpy as np
 import torch
 
 from shared.data import DataConfig, find_cases, make_eval_dataset, make_train_loader, split_train_val, validate_cases
-from shared.metrics import FOREGROUND_LABELS, nanmean, per_label_metrics
+from shared.labels import FOREGROUND_LABELS
+from shared.metrics import lesion_detection, nanmean, per_label_metrics, summarize_detection
 
-__all__ = ["SiteSplit", "load_site", "discover_sites", "train_on_sites", "train_epochs", "predict_logits", "predict_labels", "evaluate", "EvalResult"]
+__all__ = ["SiteSplit", "load_site", "discover_sites", "train_on_sites", "train_epochs", "predict_logits",
+           "predict_labels",
+           "predict_probabilities", "evaluate", "EvalResult", "scheduled_lr", "planned_steps", "crop_fingerprint",
+           "LR_SCHEDULES", "DEFAULT_LR_SCHEDULE"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,35 @@ def _loss():
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
+LR_SCHEDULES = ("constant", "poly", "cosine")
+DEFAULT_LR_SCHEDULE = "poly"  # federated clients (run config ``lr-schedule``)
+
+
+def scheduled_lr(base_lr: float, step: int, total_steps: int | None, schedule: str = "constant",
+                 power: float = 0.9) -> float:
+    """Learning rate at optimiser step ``step`` (0-based) of ``total_steps`` over the whole training.
+
+    ``"poly"`` is nnU-Net's ``base * (1 - step/total) ** 0.9``, ``"cosine"`` is
+    ``base * (1 + cos(pi * step/total)) / 2``, ``"constant"`` ignores the step. In a federation
+    ``step`` counts over all rounds (``(round - 1) * steps_per_round + local step``), so the
+    schedule decays across the federation, not inside each round.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if schedule == "constant" or not total_steps:
+        return base_lr
+    progress = min(max(step, 0), total_steps) / total_steps
+    if schedule == "poly":
+        return base_lr * (1.0 - progress) ** power
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def planned_steps(loader, epochs: int, max_steps: int | None = None) -> int:
+    """Optimiser steps :func:`train_epochs` takes: ``epochs * len(loader)``, capped by ``max_steps``."""
+    steps = epochs * len(loader)
+    return min(steps, max_steps) if max_steps else steps
+
+
 def train_epochs(
     model: torch.nn.Module,
     loader,
@@ -57,24 +90,42 @@ def train_epochs(
     proximal_mu: float = 0.0,
     max_steps: int | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    lr_schedule: str = "constant",
+    step_offset: int = 0,
+    total_steps: int | None = None,
 ) -> dict[str, float]:
-    """Train in place for ``epochs`` passes over ``loader``.
+    """Train in place for ``epochs`` passes over ``loader``, at most ``max_steps`` optimiser steps.
 
     ``proximal_mu > 0`` adds FedProx's ``mu/2 * ||w - w_global||^2`` against the weights the
-    model had on entry. Returns ``{"train_loss", "first_loss", "steps", "seconds"}``;
-    ``train_loss`` is the mean over the last epoch.
+    model had on entry. ``lr_schedule`` (:func:`scheduled_lr`) sets the learning rate of step
+    ``step_offset + i`` of ``total_steps`` before each step (round-aware in a federation).
+    Returns ``{"train_loss", "first_loss", "steps", "seconds", "lr_first", "lr_last",
+    "crop_fingerprint"}``; ``train_loss`` is the mean over the last epoch, ``crop_fingerprint``
+    a number identifying the first batch's crops (equal crops, equal number).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if max_steps is not None and max_steps < 1:
+        max_steps = None
     model.to(device).train()
     loss_fn = _loss()
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     steps, first_loss, epoch_losses, start = 0, float("nan"), [], time.perf_counter()
+    lrs: list[float] = []
+    fingerprint = float("nan")
     for _ in range(epochs):
+        if max_steps is not None and steps >= max_steps:
+            break
         epoch_losses = []
         for batch in loader:
             image, label = batch["image"].to(device), batch["label"].to(device)
+            if steps == 0:
+                fingerprint = crop_fingerprint(image)
+            current_lr = scheduled_lr(lr, step_offset + steps, total_steps, lr_schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = current_lr
+            lrs.append(current_lr)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(image), label)
             if global_params is not None:
@@ -95,7 +146,17 @@ def train_epochs(
         "first_loss": first_loss,
         "steps": steps,
         "seconds": time.perf_counter() - start,
+        "lr_first": lrs[0] if lrs else float("nan"),
+        "lr_last": lrs[-1] if lrs else float("nan"),
+        "crop_fingerprint": fingerprint,
     }
+
+
+def crop_fingerprint(image: torch.Tensor) -> float:
+    """A float that identifies a batch of crops (position-weighted sum, so moved crops differ)."""
+    flat = image.detach().reshape(-1).double()
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64) % 9973
+    return float((flat * weights).sum() / flat.numel())
 
 
 @torch.no_grad()
@@ -126,37 +187,70 @@ def predict_labels(model: torch.nn.Module, image: torch.Tensor, roi_size, **kwar
     return predict_logits(model, image, roi_size, **kwargs).argmax(1)[0].to(torch.uint8).cpu()
 
 
+def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, roi_size, **kwargs) -> torch.Tensor:
+    """Softmax class probabilities ``(classes, X, Y, Z)`` for a single ``(C, X, Y, Z)`` image."""
+    return torch.softmax(predict_logits(model, image, roi_size, **kwargs), dim=1)[0].cpu()
+
+
 @dataclass
 class EvalResult:
-    """Per-case and averaged metrics. Dice/HD95 dicts are keyed by label (1, 2, 3)."""
+    """Per-case and averaged metrics. Dice/HD95 dicts are keyed by label (1, 2, 3).
+
+    ``detection`` pools the cases' lesion-wise detection (``shared.metrics.summarize_detection``).
+    """
 
     per_case: list[dict]
     dice: dict[int, float]
     hd95: dict[int, float]
+    detection: dict[str, float] = field(default_factory=dict)
 
     @property
     def mean_dice(self) -> float:
         return nanmean(self.dice.values())
 
     def flat(self, prefix: str = "") -> dict[str, float]:
-        """Flat float metrics, e.g. ``{"dice_1": .., "hd95_2": .., "dice_mean": ..}`` (Flower MetricRecord)."""
+        """Flat float metrics for a Flower MetricRecord: ``dice_1``, ``hd95_2``, ``dice_mean``, ``lesion_f1``, ..."""
         out = {f"{prefix}dice_{k}": v for k, v in self.dice.items()}
         out.update({f"{prefix}hd95_{k}": v for k, v in self.hd95.items()})
         out[f"{prefix}dice_mean"] = self.mean_dice
+        for key in ("precision", "recall", "f1", "fp_volume_ml_lesion_free"):
+            if key in self.detection:
+                out[f"{prefix}lesion_{key}"] = self.detection[key]
         return {k: (float(v) if math.isfinite(v) else float("nan")) for k, v in out.items()}
 
 
+def native_case_metrics(probabilities: torch.Tensor, model_affine, label_path: str | Path, hd95: bool = False) -> dict:
+    """Metrics of one case on its label file's own grid: probabilities are resampled there first.
+
+    Returns ``{"dice", "hd95", "lesion"}`` (``shared.metrics.per_label_metrics`` and
+    ``lesion_detection`` with the label grid's voxel size) and the ``prediction`` on that grid.
+    """
+    from shared.io import load_volume
+    from shared.resample import probabilities_to_grid, voxel_spacing
+
+    truth, meta = load_volume(label_path)
+    truth = np.rint(truth).astype(np.uint8)
+    pred = probabilities_to_grid(probabilities, np.asarray(model_affine, np.float64), meta["affine"], truth.shape)
+    spacing = voxel_spacing(meta["affine"])
+    metrics = per_label_metrics(pred, truth, hd95=hd95, spacing=spacing)
+    return {"dice": metrics["dice"], "hd95": metrics.get("hd95", {}),
+            "lesion": lesion_detection(pred, truth, spacing=spacing), "prediction": pred, "meta": meta}
+
+
 def evaluate(model: torch.nn.Module, cases: list[dict], cfg: DataConfig, hd95: bool = False) -> EvalResult:
-    """Evaluate on whole preprocessed volumes with sliding-window inference."""
+    """Evaluate with sliding-window inference; metrics on each case's native label grid.
+
+    The network sees the preprocessed volume (RAS, ``cfg.spacing``); its class probabilities go
+    back to the label file's grid (``shared.resample``) and are compared with the untouched labels.
+    """
     per_case = []
-    for item in make_eval_dataset(cases, cfg):
-        pred = predict_labels(model, item["image"], cfg.roi_size)
-        truth = torch.as_tensor(item["label"][0]).to(torch.uint8)
-        m = per_label_metrics(pred, truth, hd95=hd95, spacing=cfg.spacing)
-        per_case.append({"name": item.get("name", ""), **m})
+    for case, item in zip(cases, make_eval_dataset(cases, cfg)):
+        probs = predict_probabilities(model, item["image"], cfg.roi_size)
+        m = native_case_metrics(probs, item["image"].affine, case["label"], hd95=hd95)
+        per_case.append({"name": item.get("name", ""), "dice": m["dice"], "hd95": m["hd95"], "lesion": m["lesion"]})
     dice = {k: nanmean(c["dice"][k] for c in per_case) for k in FOREGROUND_LABELS}
     hd = {k: nanmean(c["hd95"][k] for c in per_case) for k in FOREGROUND_LABELS} if hd95 else {}
-    return EvalResult(per_case, dice, hd)
+    return EvalResult(per_case, dice, hd, summarize_detection([c["lesion"] for c in per_case]))
 
 
 def discover_sites(data_dir: str | Path, names: list[str] | None = None) -> list[Path]:
@@ -180,10 +274,12 @@ def train_on_sites(
     lr: float = 1e-3,
     seed: int = 0,
     on_epoch=None,
+    lr_schedule: str = "constant",
 ) -> list[dict]:
     """Centralised training on the pooled training cases of ``sites`` (one site: local-only).
 
     ``on_epoch(epoch, stats)`` is called after every epoch; returns the per-epoch stats.
+    ``lr_schedule`` decays the learning rate over all ``epochs`` (:func:`scheduled_lr`).
     """
     torch.manual_seed(seed)
     cases = [c for s in sites for c in s.train]
@@ -191,7 +287,8 @@ def train_on_sites(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     history = []
     for epoch in range(1, epochs + 1):
-        stats = train_epochs(model, loader, epochs=1, optimizer=optimizer)
+        stats = train_epochs(model, loader, epochs=1, lr=lr, optimizer=optimizer, lr_schedule=lr_schedule,
+                             step_offset=(epoch - 1) * len(loader), total_steps=epochs * len(loader))
         stats["epoch"] = epoch
         history.append(stats)
         if on_epoch is not None:

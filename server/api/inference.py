@@ -3,9 +3,9 @@
 Preprocessing is ``shared.data.preprocess_transforms`` minus the file loader (the upload is
 already validated and read): channel first, RAS orientation, ``Spacingd`` to the model's
 spacing with border padding. MONAI sliding-window inference pads by replicate, so no zero
-enters before the first instance norm. The label map then goes back onto the input's exact
-grid by nearest neighbour (``labels_to_input_grid``; MONAI's ``Invertd`` is the reference the
-tests hold it to).
+enters before the first instance norm. The class probabilities then go back onto the input's
+exact grid (linear interpolation, argmax there: ``shared.resample.probabilities_to_grid``);
+``labels_to_input_grid`` (nearest neighbour on labels) is kept as the comparison.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from shared.data import DataConfig, preprocess_transforms
 from shared.io import save_segmentation
 from shared.registry import data_config_from_meta, load_model, served_version
+from shared.resample import probabilities_to_grid
 from shared.synth import LABELS
 from shared.training import predict_logits
 
@@ -141,7 +142,6 @@ def segment_volume(model: ServedModel, image: np.ndarray, meta: dict, overlap: f
         overlap: sliding-window overlap.
         sw_batch_size: windows per forward pass.
     """
-    from monai import transforms as mt
     from monai.data import MetaTensor
 
     timings: dict[str, float] = {}
@@ -157,16 +157,13 @@ def segment_volume(model: ServedModel, image: np.ndarray, meta: dict, overlap: f
 
     start = time.perf_counter()
     logits = predict_logits(model.network, prepared["image"], model.data_config.roi_size, overlap=overlap, sw_batch_size=sw_batch_size)
-    labels = logits.argmax(1).to(torch.uint8)  # (1, X', Y', Z') on the model's grid
     timings["inference_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
     model_grid = np.asarray(prepared["image"].affine, dtype=np.float64)
-    out = labels_to_input_grid(np.asarray(labels[0]), model_grid, np.asarray(meta["affine"], dtype=np.float64), tuple(meta["shape"]))
-    if out is None:  # grids not related by permute/flip/scale: let MONAI resample densely
-        pred = MetaTensor(torch.as_tensor(np.asarray(labels)), affine=prepared["image"].affine)
-        invert = mt.Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=True, to_tensor=True)
-        out = np.rint(np.asarray(invert({"image": prepared["image"], "pred": pred})["pred"][0])).astype(np.uint8)
+    # Class probabilities, not labels, go back to the input grid (linear, then argmax there: shared.resample).
+    out = probabilities_to_grid(torch.softmax(logits[0], dim=0), model_grid,
+                                np.asarray(meta["affine"], dtype=np.float64), tuple(meta["shape"]))
     if out.shape != tuple(meta["shape"]):
         raise RuntimeError(f"inverted label map has shape {out.shape}, expected {tuple(meta['shape'])}")
     timings["postprocess_s"] = time.perf_counter() - start

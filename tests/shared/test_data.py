@@ -127,3 +127,60 @@ def test_split_is_deterministic_and_disjoint():
 def test_ill_data_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DataConfig(**kwargs)
+
+
+def test_sampling_seed_depends_on_seed_site_and_round():
+    from shared.data import sampling_seed
+
+    base = sampling_seed(0, "site-a", 1)
+    assert base == sampling_seed(0, "site-a", 1)
+    assert len({base, sampling_seed(0, "site-a", 2), sampling_seed(0, "site-b", 1), sampling_seed(1, "site-a", 1)}) == 4
+
+
+def test_reseeded_loader_repeats_a_fresh_loader_and_rounds_differ(tiny_data_dir, tiny_data_config):
+    from shared.data import reseed_loader, sampling_seed
+    from shared.training import crop_fingerprint
+
+    cases = find_cases(tiny_data_dir / "site-a")
+    loader = make_train_loader(cases, tiny_data_config, seed=0)
+    first = lambda ld: crop_fingerprint(next(iter(ld))["image"])  # noqa: E731
+    seeds = [sampling_seed(0, "site-a", r) for r in (1, 2)]
+    reseed_loader(loader, seeds[0])
+    round1 = first(loader)
+    first(loader)  # the stream moves on ...
+    reseed_loader(loader, seeds[0])
+    assert first(loader) == round1  # ... and restarts exactly
+    assert first(make_train_loader(cases, tiny_data_config, seed=seeds[0])) == round1  # = a fresh process's loader
+    reseed_loader(loader, seeds[1])
+    assert first(loader) != round1
+
+
+_FINGERPRINT_SCRIPT = """
+import sys
+from shared.data import DataConfig, find_cases, make_train_loader, reseed_loader, sampling_seed
+from shared.training import crop_fingerprint
+site, round_ = sys.argv[1], int(sys.argv[2])
+cfg = DataConfig(spacing=(4, 4, 4), roi_size=(32, 32, 32), val_fraction=0.34)
+loader = make_train_loader(find_cases(site), cfg, seed=0)   # what the ClientApp caches
+reseed_loader(loader, sampling_seed(0, "site-a", round_))  # what it does on every train message
+print(repr(crop_fingerprint(next(iter(loader))["image"])))
+"""
+
+
+@pytest.mark.slow
+def test_fresh_processes_draw_new_crops_each_round_and_repeat_on_rerun(tiny_data_dir):
+    """Native Flower runs every message in a new process: the crops must still change with the round."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+
+    def crops(round_: int) -> float:
+        out = subprocess.run([sys.executable, "-c", _FINGERPRINT_SCRIPT, str(tiny_data_dir / "site-a"), str(round_)],
+                             cwd=root, capture_output=True, text=True, timeout=300, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+
+    round1, round2, rerun = crops(1), crops(2), crops(1)
+    assert round1 != round2
+    assert rerun == round1

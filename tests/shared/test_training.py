@@ -80,3 +80,83 @@ def test_registry_round_trip(tmp_path, trained):
         save_model(registry, "../escape", model.state_dict(), mcfg, dcfg)
     with pytest.raises(FileNotFoundError, match="not found"):
         load_model(registry, "missing")
+
+
+def test_max_steps_caps_optimiser_steps_exactly(trained):
+    """epochs x batches > max-steps: exactly max-steps optimiser steps, not max-steps + epochs - 1."""
+    from shared.data import make_train_loader
+    from shared.training import planned_steps
+
+    _, _, sites, dcfg, mcfg = trained
+    loader = make_train_loader(sites[0].train, dcfg)
+    per_epoch = len(loader)
+    net = build_unet(mcfg)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    calls = []
+    optimizer.register_step_post_hook(lambda *_: calls.append(1))
+    cap = per_epoch + 1 if per_epoch > 1 else 2
+    stats = train_epochs(net, loader, epochs=4, max_steps=cap, optimizer=optimizer)
+    assert len(calls) == cap and stats["steps"] == cap
+    assert planned_steps(loader, 4, cap) == cap and planned_steps(loader, 4) == 4 * per_epoch
+
+
+def test_lr_schedules_decay_over_the_whole_federation():
+    from shared.training import scheduled_lr
+
+    assert scheduled_lr(1e-2, 0, 100, "poly") == pytest.approx(1e-2)
+    assert scheduled_lr(1e-2, 50, 100, "poly") == pytest.approx(1e-2 * 0.5 ** 0.9)
+    assert scheduled_lr(1e-2, 100, 100, "poly") == 0.0
+    assert scheduled_lr(1e-2, 50, 100, "cosine") == pytest.approx(5e-3)
+    assert scheduled_lr(1e-2, 99, 100, "constant") == 1e-2
+    with pytest.raises(ValueError, match="lr schedule"):
+        scheduled_lr(1e-2, 1, 10, "step")
+
+
+def test_train_epochs_sets_the_round_aware_learning_rate(trained):
+    """Round 3 of 4 with 2 steps per round: steps 4 and 5 of 8 on the poly curve."""
+    from shared.data import make_train_loader
+    from shared.training import scheduled_lr
+
+    _, _, sites, dcfg, mcfg = trained
+    loader = make_train_loader(sites[0].train, dcfg)
+    net = build_unet(mcfg)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1.0)
+    stats = train_epochs(net, loader, epochs=2, lr=3e-3, max_steps=2, optimizer=optimizer, lr_schedule="poly",
+                         step_offset=4, total_steps=8)
+    assert stats["lr_first"] == pytest.approx(scheduled_lr(3e-3, 4, 8, "poly"))
+    assert stats["lr_last"] == pytest.approx(scheduled_lr(3e-3, 5, 8, "poly"))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(stats["lr_last"])
+
+
+def test_evaluation_scores_on_the_label_files_own_grid(tmp_path):
+    """A 2 x 2 x 3 mm case evaluated with a 2 mm model grid: prediction goes back to 2 x 2 x 3 mm first."""
+    import nibabel as nib
+
+    from shared.data import DataConfig, find_cases, make_eval_dataset
+    from shared.training import native_case_metrics
+
+    affine = np.diag([-2.0, 2.0, 3.0, 1.0])
+    grid = np.ogrid[:30, :30, :20]
+    r = np.sqrt(((grid[0] - 15) / 10.0) ** 2 + ((grid[1] - 15) / 9.0) ** 2 + ((grid[2] - 10) / 5.0) ** 2)
+    labels = np.where(r < 0.4, 3, np.where(r < 0.7, 2, np.where(r < 1, 1, 0))).astype(np.uint8)
+    for folder, data in (("imagesTr", labels.astype(np.float32) * 100), ("labelsTr", labels)):
+        (tmp_path / "s" / folder).mkdir(parents=True)
+        nib.save(nib.Nifti1Image(data, affine), tmp_path / "s" / folder / "a.nii.gz")
+    case = find_cases(tmp_path / "s")[0]
+    item = make_eval_dataset([case], DataConfig(spacing=(2.0, 2.0, 2.0), cache=False))[0]
+    assert item["label"].shape[1:] != labels.shape  # the model grid differs from the file's grid
+    perfect = torch.nn.functional.one_hot(item["label"][0].long(), 4).permute(3, 0, 1, 2).float()
+    m = native_case_metrics(perfect, item["label"].affine, case["label"], hd95=True)
+    assert m["prediction"].shape == labels.shape
+    assert min(m["dice"].values()) > 0.85, m["dice"]
+    assert m["lesion"]["ref_lesions"] == 1 and m["lesion"]["detected"] == 1
+
+
+def test_evaluation_reports_lesion_detection(trained):
+    model, _, sites, dcfg, _ = trained
+    result = evaluate(model, [c for s in sites for c in s.test], dcfg)
+    assert {"ref_lesions", "pred_lesions", "precision", "recall", "f1"} <= set(result.detection)
+    assert result.detection["n_cases"] == 3
+    assert all("lesion" in c for c in result.per_case)
+    flat = result.flat()
+    assert {"lesion_precision", "lesion_recall", "lesion_f1"} <= set(flat)
