@@ -20,9 +20,15 @@ class ApiSettings(BaseSettings):
         default_model: version served when a request names none (default: the registry's
             served version, else its newest).
         api_key: when set, every ``/v1`` route requires it in the ``X-API-Key`` header.
+        admin_key: when set, ``POST /v1/admin/reload`` accepts it in ``X-Admin-Key`` (disabled otherwise).
         max_upload_bytes: largest accepted upload, enforced while it streams in (413 beyond).
-        max_voxels: largest accepted volume, checked from the header before any voxel is read.
+        max_voxels: largest accepted volume, checked from the header before any voxel is read (422).
+        max_model_voxels: largest volume after resampling to the model's spacing, computed from the
+            header before any voxel is read (422).
+        max_window_voxels: most voxels the sliding-window pass may run through the network (422).
         max_concurrent_inferences: volumes processed at once; further requests queue.
+        max_queued_requests: segmentation requests admitted beyond those running (uploading or
+            waiting); one more is answered 503 with ``Retry-After``.
         torch_threads: intra-op threads for torch (default: torch's own choice).
         upload_dir: folder for the per-request temporary files (default: the system's).
         model_cache_size: model versions kept in memory at once.
@@ -37,16 +43,20 @@ class ApiSettings(BaseSettings):
     reports_dir: Path = Path("runs/reports")
     default_model: str | None = None
     api_key: str | None = None
+    admin_key: str | None = None
     max_upload_bytes: int = Field(default=256 * 1024**2, gt=0)
     max_voxels: int = Field(default=512**3, gt=0)
+    max_model_voxels: int = Field(default=256**3, gt=0)
+    max_window_voxels: int = Field(default=4 * 256**3, gt=0)
     max_concurrent_inferences: int = Field(default=2, ge=1)
+    max_queued_requests: int = Field(default=8, ge=0)
     torch_threads: int | None = Field(default=None, ge=1)
     upload_dir: Path | None = None
     model_cache_size: int = Field(default=4, ge=1)
     sw_overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
     sw_batch_size: int = Field(default=2, ge=1)
 
-    @field_validator("api_key", "default_model", mode="before")
+    @field_validator("api_key", "admin_key", "default_model", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         # FEDMRI_API_KEY= (empty) in a compose file means "no key", not "the empty key".

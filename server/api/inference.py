@@ -11,6 +11,8 @@ exact grid (linear interpolation, argmax there: ``shared.resample.probabilities_
 from __future__ import annotations
 
 import base64
+import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -30,6 +32,9 @@ from shared.training import predict_logits
 
 __all__ = ["ModelNotFoundError", "ModelLoadError", "ServedModel", "ModelStore", "Segmentation", "preprocessing", "segment_volume",
            "labels_to_input_grid", "label_volumes", "input_summary", "preview_slices", "encode_segmentation"]
+
+
+log = logging.getLogger("fedmri.api")
 
 
 class ModelNotFoundError(LookupError):
@@ -58,10 +63,15 @@ class ServedModel:
 class ModelStore:
     """Loads registry versions on demand and keeps the last ``cache_size`` in memory (thread-safe).
 
+    With no pinned ``default_version`` the store follows the registry: ``refresh`` (called per
+    request, one ``stat`` of ``served.json``) loads a newly served version, warms it up and then
+    swaps ``default`` in one assignment; requests already running keep the model they started
+    with, so none fails during a swap.
+
     Args:
         registry_dir: the model registry folder.
         default_version: version used when a request names none; ``None`` means the registry's
-            served version (``served.json``), else its newest, resolved once by ``load_default``.
+            served version (``served.json``), else its newest, followed as it changes.
         cache_size: model versions kept loaded at once (the default one is always kept).
     """
 
@@ -73,16 +83,62 @@ class ModelStore:
         self.error: str | None = None  # why no default model is loaded, for /readyz
         self._cache: OrderedDict[str, ServedModel] = OrderedDict()
         self._lock = threading.Lock()
+        self._swap_lock = threading.Lock()
+        self._served_stamp: tuple | None = None  # served.json's (mtime, inode, size) when last read
+
+    def _stamp(self) -> tuple | None:
+        try:
+            st = os.stat(self.registry_dir / "served.json")
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_ino, st.st_size)
 
     def load_default(self) -> ServedModel:
         """Load the default model (at startup); raises ModelNotFoundError when there is none."""
+        with self._swap_lock:
+            self._served_stamp = self._stamp()  # before reading: a change while loading is seen next time
+            return self._load_default()
+
+    def _load_default(self) -> ServedModel:
         version = self.default_version or served_version(self.registry_dir)
         if version is None:
             raise ModelNotFoundError(f"no model registered in {self.registry_dir}; run `fedmri train` or `fedmri federate`")
-        self.default = self.get(version)
+        model = self.get(version)
         # One window through the network now, so the first request does not pay torch's warm-up.
-        roi = self.default.data_config.roi_size
-        predict_logits(self.default.network, torch.zeros((1, *roi)), roi)
+        roi = model.data_config.roi_size
+        predict_logits(model.network, torch.zeros((1, *roi)), roi)
+        self.default, self.error = model, None  # the swap: one assignment
+        return model
+
+    def refresh(self, force: bool = False) -> ServedModel | None:
+        """Serve the registry's newly served version, if ``served.json`` changed since it was read.
+
+        Cheap when nothing changed (one ``stat``). One thread loads while the others go on with
+        the current model. A version that cannot be loaded leaves the current one served and is
+        not retried until ``served.json`` changes again (or ``force``). Returns the default model.
+        """
+        if self.default_version is not None:
+            return self.default
+        stamp = self._stamp()
+        if not force and (stamp == self._served_stamp or stamp is None):
+            return self.default
+        if not self._swap_lock.acquire(blocking=force):
+            return self.default  # another thread is loading it
+        try:
+            if force or stamp != self._served_stamp:
+                self._served_stamp = stamp
+                previous = self.default.version if self.default else None
+                try:
+                    model = self._load_default()
+                except (ModelNotFoundError, ModelLoadError, OSError, ValueError, KeyError) as exc:
+                    self.error = f"served version could not be loaded: {exc}" if self.default else str(exc)
+                    log.warning("registry changed but its served model could not be loaded (%s); still serving %s",
+                                type(exc).__name__, previous)
+                else:
+                    if model.version != previous:
+                        log.info("now serving model %s (was %s)", model.version, previous)
+        finally:
+            self._swap_lock.release()
         return self.default
 
     def loaded_versions(self) -> list[str]:

@@ -15,11 +15,14 @@ from fastapi import Depends, FastAPI, Request, status
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.budget import AdmissionGate, LimitExceededError
 from server.api.config import ApiSettings
 from server.api.deps import get_settings, require_api_key
 from server.api.inference import ModelLoadError, ModelNotFoundError, ModelStore
-from server.api.routes import health, models, report, segment, ui
+from server.api.routes import admin, health, models, report, segment, ui
 from server.api.routes.ui import STATIC_DIR, SWAGGER_DIR
 from shared.errors import InvalidVolumeError
 
@@ -44,13 +47,42 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("no model loaded, /readyz answers 503: %s", exc)
     app.state.models = store
     app.state.inference_limiter = anyio.CapacityLimiter(settings.max_concurrent_inferences)
+    app.state.admission = AdmissionGate(settings.max_concurrent_inferences, settings.max_queued_requests)
     yield
 
 
+class ModelVersionHeader:
+    """ASGI middleware: every HTTP response names the served model in ``X-Model-Version`` (``none`` before one).
+
+    Routes that answer with another version (``?model=``) set the header themselves and keep it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_version(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                if "x-model-version" not in headers:
+                    store = getattr(scope["app"].state, "models", None)
+                    headers["X-Model-Version"] = store.default.version if store and store.default else "none"
+            await send(message)
+
+        await self.app(scope, receive, send_with_version)
+
+
 async def invalid_volume_handler(request: Request, exc: InvalidVolumeError) -> JSONResponse:
-    """A volume that cannot be used is the client's problem: 422 with the reason."""
+    """A volume that cannot be used is the client's problem: 422 with the reason (and the limit, if one)."""
     log.info("rejected upload: %s", exc)  # messages name "upload", never the client's file
-    return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": str(exc)})
+    content: dict = {"detail": str(exc)}
+    if isinstance(exc, LimitExceededError):
+        content.update(limit=exc.limit, value=exc.value, maximum=exc.maximum)
+    return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content=content)
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
@@ -70,7 +102,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(segment.router)
     app.include_router(report.router, dependencies=[Depends(require_api_key)])
+    app.include_router(admin.router)
     app.include_router(ui.router)
     app.mount("/static/swagger", StaticFiles(directory=SWAGGER_DIR), name="swagger")
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(ModelVersionHeader)
     return app

@@ -12,9 +12,12 @@ __all__ = ["ErrorResponse", "Health", "Ready", "ModelInfo", "ModelList", "LabelV
 
 
 class ErrorResponse(BaseModel):
-    """Every 4xx/5xx answer: what went wrong, in one sentence."""
+    """Every 4xx/5xx answer: what went wrong, in one sentence; a refused work limit also names it."""
 
     detail: str
+    limit: str | None = Field(default=None, description="the setting whose limit was exceeded, e.g. FEDMRI_MAX_MODEL_VOXELS")
+    value: float | None = Field(default=None, description="the request's amount of what the limit bounds")
+    maximum: int | None = Field(default=None, description="the limit")
 
 
 class Health(BaseModel):
@@ -103,6 +106,8 @@ class SegmentSummary(BaseModel):
     volumes_ml: dict[str, float] = Field(description="label name -> volume in mL")
     input: InputSummary
     timings: Timings
+    warnings: list[str] = Field(default_factory=list,
+                                description="header fields that were invalid and recovered (e.g. a broken qform replaced by the sform)")
     preview: Preview | None = None
 
 

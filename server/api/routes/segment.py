@@ -17,13 +17,14 @@ import torch
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
+from server.api.budget import QueueFullError, WorkBudget
 from server.api.config import ApiSettings
 from server.api.deps import ModelStoreDep, SettingsDep, require_api_key
 from server.api.dicom_upload import OutputFormat, dicom_seg_response
 from server.api.inference import (ModelLoadError, ModelNotFoundError, ModelStore, Segmentation, ServedModel, encode_segmentation,
                                   input_summary, label_volumes, preview_slices, segment_volume)
 from server.api.schemas import ErrorResponse, SegmentSummary
-from server.api.upload import UPLOAD_FIELD, open_upload, receive_upload
+from server.api.upload import UPLOAD_FIELD, inspect_upload, open_upload, receive_upload
 
 log = logging.getLogger("fedmri.api")
 
@@ -38,7 +39,8 @@ router = APIRouter(
         413: {"model": ErrorResponse, "description": "upload larger than FEDMRI_MAX_UPLOAD_BYTES"},
         415: {"model": ErrorResponse, "description": "not a multipart/form-data request"},
         422: {"model": ErrorResponse, "description": "not a usable NIfTI volume (the detail says why)"},
-        503: {"model": ErrorResponse, "description": "no model loaded, or the requested one cannot be loaded"},
+        503: {"model": ErrorResponse,
+              "description": "no model loaded, the requested one cannot be loaded, or too many requests in flight (Retry-After)"},
     },
 )
 
@@ -88,7 +90,7 @@ def _process(raw: Path, work_dir: Path, model: ServedModel, settings: ApiSetting
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)  # OpenMP's thread count is per calling thread
     start = time.perf_counter()
-    image, meta = open_upload(raw, work_dir, settings.max_voxels)
+    image, meta = open_upload(raw, work_dir, settings.max_voxels, _grid_check(settings, model))
     read_s = time.perf_counter() - start
     seg = segment_volume(model, image, meta, overlap=settings.sw_overlap, sw_batch_size=settings.sw_batch_size)
     start = time.perf_counter()
@@ -99,25 +101,52 @@ def _process(raw: Path, work_dir: Path, model: ServedModel, settings: ApiSetting
     return _Outcome(seg, encoded, slices, timings)
 
 
+def _grid_check(settings: ApiSettings, model: ServedModel):
+    """``check_grid(shape, affine)`` for ``open_upload``: the work budget on ``model``'s grid."""
+    budget = WorkBudget(settings.max_voxels, settings.max_model_voxels, settings.max_window_voxels, settings.sw_overlap)
+    return partial(budget.check, spacing=model.data_config.spacing, roi=model.data_config.roi_size)
+
+
 async def _segment(request: Request, settings: ApiSettings, store: ModelStore, version: str | None, *, nifti: bool, preview: bool) -> _Outcome:
-    """Receive the upload into a private temporary folder, segment it, and always delete the folder."""
+    """Receive the upload into a private temporary folder, segment it, and always delete the folder.
+
+    Admission first (503 with Retry-After beyond the in-flight limit), then the header and the
+    work budget from the upload's first bytes (422 in milliseconds), then the inference queue.
+    """
     started = time.perf_counter()
-    model = await run_in_threadpool(_resolve, store, version)
+    gate = request.app.state.admission
+    try:
+        ticket = gate.admit()
+    except QueueFullError as exc:
+        log.info("refused a request: %d in flight", gate.in_flight)
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc),
+                            headers={"Retry-After": str(exc.retry_after_s)}) from None
+    done = False
     work_dir = Path(tempfile.mkdtemp(prefix="fedmri-upload-", dir=settings.upload_dir))
     try:
+        model = await run_in_threadpool(_resolve, store, version)
         raw = work_dir / "upload"
         size = await receive_upload(request, raw, settings.max_upload_bytes)
         upload_s = time.perf_counter() - started
+        await run_in_threadpool(inspect_upload, raw, settings.max_voxels, _grid_check(settings, model))
         outcome = await anyio.to_thread.run_sync(
             partial(_process, raw, work_dir, model, settings, nifti, preview), limiter=request.app.state.inference_limiter
         )
+        done = True
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
+        gate.release(ticket, timed=done)
     outcome.timings = {"upload_s": upload_s, **outcome.timings, "total_s": time.perf_counter() - started}
     # Sizes, model and timings only: no file name or header text from the upload.
     log.info("segmented %d-byte upload (%d voxels) with model %s in %.2fs",
              size, outcome.seg.labels.size, model.version, outcome.timings["total_s"])
     return outcome
+
+
+def _warnings_header(seg: Segmentation) -> dict[str, str]:
+    """``X-Input-Warnings``: the header fields recovered from (field names and numbers only)."""
+    warnings = seg.meta.get("warnings") or []
+    return {"X-Input-Warnings": "; ".join(warnings)} if warnings else {}
 
 
 def _server_timing(timings: dict[str, float]) -> str:
@@ -147,6 +176,7 @@ async def segment(request: Request, settings: SettingsDep, store: ModelStoreDep,
             "Content-Disposition": 'attachment; filename="segmentation.nii.gz"',
             "X-Model-Version": outcome.seg.model.version,
             "Server-Timing": _server_timing(outcome.timings),
+            **_warnings_header(outcome.seg),
         },
     )
 
@@ -154,6 +184,7 @@ async def segment(request: Request, settings: SettingsDep, store: ModelStoreDep,
 @router.post("/summary", response_model=SegmentSummary, openapi_extra=UPLOAD_BODY)
 async def segment_summary(
     request: Request,
+    response: Response,
     settings: SettingsDep,
     store: ModelStoreDep,
     version: ModelVersion = None,
@@ -163,11 +194,13 @@ async def segment_summary(
     outcome = await _segment(request, settings, store, version, nifti=preview, preview=preview)
     seg = outcome.seg
     volumes = label_volumes(seg.labels, seg.meta["affine"], seg.model.label_names)
+    response.headers.update({"X-Model-Version": seg.model.version, **_warnings_header(seg)})
     return SegmentSummary(
         model_version=seg.model.version,
         labels=volumes,
         volumes_ml={v["name"]: v["ml"] for v in volumes},
         input=input_summary(seg.meta),
         timings=outcome.timings,
+        warnings=seg.meta.get("warnings", []),
         preview={"slices": outcome.preview, "segmentation_nii_gz": base64.b64encode(outcome.nifti).decode("ascii")} if preview else None,
     )

@@ -72,9 +72,9 @@ def test_temporary_files_are_deleted(client, upload_dir, nifti_bytes, phantom, m
     seen = []
     real_open_upload = segment_route.open_upload
 
-    def spy(raw, work_dir, max_voxels):
+    def spy(raw, work_dir, *args):
         seen.append(sorted(p.name for p in work_dir.iterdir()))  # the upload is on disk while it is read
-        return real_open_upload(raw, work_dir, max_voxels)
+        return real_open_upload(raw, work_dir, *args)
 
     monkeypatch.setattr(segment_route, "open_upload", spy)
     good = nifti_bytes(phantom(), np.eye(4))

@@ -51,7 +51,7 @@ def _bad_uploads(nifti_bytes, phantom) -> dict[str, tuple[bytes, int, str]]:
         "zero-length dimension": (nifti_bytes(np.zeros((16, 0, 16), np.float32), AFFINE), 422, "zero-length dimension"),
         "NaN voxel": (nifti_bytes(nan, AFFINE), 422, "NaN or Inf"),
         "Inf voxel": (nifti_bytes(inf, AFFINE), 422, "NaN or Inf"),
-        "non-invertible affine": (nifti_bytes(vol, SINGULAR, qform_code=0), 422, "affine is not invertible"),
+        "non-invertible affine": (nifti_bytes(vol, SINGULAR, qform_code=0), 422, "sform (srow_x/y/z) is not invertible"),
         "empty upload": (b"", 422, "empty file"),
     }
 
