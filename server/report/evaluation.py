@@ -1,8 +1,11 @@
 """Evaluate one model on every site's held-out test cases (``imagesTs/ labelsTs/``).
 
-Per case: Dice and HD95 per label (``shared.metrics``), the predicted label map (optionally
-saved as NIfTI), the affine-invariance checks and the "where IN stops" checks. Per site: a
-subsample of raw intensities for the histogram and one example slice.
+Per case: Dice and HD95 per label and lesion-wise detection (``shared.metrics``), computed on
+the case's own label grid (the label file's voxels: class probabilities are resampled there,
+``shared.resample``), the predicted label map on that grid (optionally saved as NIfTI), the
+affine-invariance checks and the "where IN stops" checks (on the model's grid). Per site: a
+subsample of raw intensities for the histogram, one example slice and the pooled lesion
+detection (precision, recall, F1, false-positive lesion volume on lesion-free cases).
 
 A site whose test files cannot be read is returned in ``skipped`` with the error naming the
 file; the other sites are still evaluated.
@@ -20,12 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.data import DataConfig, find_cases, make_eval_dataset, validate_cases
-from shared.errors import InvalidSiteError, InvalidVolumeError
-from shared.io import load_volume
-from shared.metrics import per_label_metrics
-from shared.training import discover_sites, predict_labels
-
 from server.report.invariance import (
     DEFAULT_BIAS_STRENGTHS,
     DEFAULT_GAMMAS,
@@ -33,6 +30,11 @@ from server.report.invariance import (
     random_affine_maps,
     where_in_stops,
 )
+from shared.data import DataConfig, find_cases, make_eval_dataset, validate_cases
+from shared.errors import InvalidSiteError, InvalidVolumeError
+from shared.io import load_volume, save_segmentation
+from shared.metrics import summarize_detection
+from shared.training import discover_sites, native_case_metrics, predict_labels, predict_probabilities
 
 __all__ = ["SiteEvaluation", "make_predictor", "evaluate_site", "evaluate_sites"]
 
@@ -52,6 +54,7 @@ class SiteEvaluation:
     stop_checks: list[dict] = field(default_factory=list)
     intensities: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     example: dict | None = None
+    detection: dict = field(default_factory=dict)
 
 
 def make_predictor(model: torch.nn.Module, cfg: DataConfig):
@@ -65,6 +68,21 @@ def make_predictor(model: torch.nn.Module, cfg: DataConfig):
         if normalize is not None:
             x = torch.as_tensor(normalize(x))
         return predict_labels(model, x, cfg.roi_size).numpy()
+
+    return predict
+
+
+def make_probability_predictor(model: torch.nn.Module, cfg: DataConfig):
+    """``predict(raw (X, Y, Z) volume) -> (classes, X, Y, Z)`` softmax probabilities (z-scored first if so trained)."""
+    from monai.transforms import NormalizeIntensity
+
+    normalize = NormalizeIntensity() if cfg.zscore else None
+
+    def predict(volume: np.ndarray) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(volume, dtype=np.float32)[None])
+        if normalize is not None:
+            x = torch.as_tensor(normalize(x))
+        return predict_probabilities(model, x, cfg.roi_size)
 
     return predict
 
@@ -108,19 +126,18 @@ def evaluate_site(
         seed: seeds the affine maps and bias fields (per site and case, so sites are independent).
         hd95: also compute the 95th-percentile Hausdorff distance.
         predictions_dir: if given, predicted label maps are written there as
-            ``<site>/<case>.nii.gz`` in the model's voxel grid (recorded as
-            ``predictions/<site>/<case>.nii.gz``, relative to the report folder).
+            ``<site>/<case>.nii.gz`` on the label file's grid, with its affine and qform/sform
+            codes (recorded as ``predictions/<site>/<case>.nii.gz``, relative to the report folder).
 
     Raises:
         InvalidSiteError: a test file is missing, unpaired or unreadable (the message names it).
     """
-    import nibabel as nib
-
     site_dir = Path(site_dir)
     cases = find_cases(site_dir, "test")
     _check_readable(cases)
     raw_cfg = dataclasses.replace(cfg, zscore=False, cache=False)  # perturb raw intensities, z-score after
     predict = make_predictor(model, cfg)
+    probabilities = make_probability_predictor(model, cfg)
     site_key = zlib.crc32(site_dir.name.encode())
     result = SiteEvaluation(site_dir.name, [])
     samples = []
@@ -132,14 +149,15 @@ def evaluate_site(
             raise InvalidSiteError(f"{case['image']}: could not be preprocessed ({type(exc).__name__})") from None
         image = np.asarray(item["image"][0], dtype=np.float32)
         truth = np.asarray(item["label"][0]).astype(np.uint8)
-        pred = predict(image)
-        metrics = per_label_metrics(pred, truth, hd95=hd95, spacing=cfg.spacing)
-        record = {"name": case["name"], "dice": metrics["dice"], "hd95": metrics.get("hd95", {})}
+        probs = probabilities(image)
+        pred = probs.argmax(0).numpy().astype(np.uint8)  # model grid: invariance checks and example slice
+        affine = np.asarray(getattr(item["image"], "affine", np.eye(4)), dtype=np.float64)
+        metrics = native_case_metrics(probs, affine, case["label"], hd95=hd95)  # on the label file's grid
+        record = {"name": case["name"], "dice": metrics["dice"], "hd95": metrics["hd95"], "lesion": metrics["lesion"]}
         if predictions_dir is not None:
             out = Path(predictions_dir) / site_dir.name / f"{case['name']}.nii.gz"
             out.parent.mkdir(parents=True, exist_ok=True)
-            affine = np.asarray(getattr(item["image"], "affine", np.eye(4)), dtype=np.float64)
-            nib.save(nib.Nifti1Image(pred.astype(np.uint8), affine), out)
+            save_segmentation(metrics["prediction"], out, metrics["meta"])
             record["prediction"] = f"predictions/{site_dir.name}/{case['name']}.nii.gz"  # relative to the report
         result.cases.append(record)
         samples.append(image.ravel()[::HISTOGRAM_STRIDE])
@@ -154,6 +172,7 @@ def evaluate_site(
             for check in where_in_stops(predict, image, gammas, bias_strengths, rng=rng, reference=pred):
                 result.stop_checks.append({"case": case["name"], **check})
     result.intensities = np.concatenate(samples) if samples else result.intensities
+    result.detection = summarize_detection([c["lesion"] for c in result.cases])
     return result
 
 
