@@ -118,6 +118,9 @@ if ! docker image inspect "$IMAGE" > /dev/null 2>&1; then
   if ! ls deploy/local/torch-2.13.0*.whl > /dev/null 2>&1; then   # the host's CPU wheel, else PyTorch's CPU index
     run python3 -m pip download --no-deps torch==2.13.0 -d deploy/local || log "no local torch wheel"
   fi
+  # The dependency list alone: a pyproject.toml edit that keeps it reuses the dependency layer.
+  python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+    > deploy/local/requirements.txt
   run docker build -f deploy/Dockerfile --build-arg BASE_IMAGE="$BASE" -t "$IMAGE" . || fail "docker build failed"
   for old in $(docker images --format '{{.Repository}}:{{.Tag}}' fedmri | grep '^fedmri:compose-test-'); do
     [ "$old" = "$IMAGE" ] || docker rmi "$old" > /dev/null 2>&1 || true

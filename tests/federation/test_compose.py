@@ -56,19 +56,25 @@ def parse_cli(script: str, env: dict[str, str]):
 
 def depends(svc: dict) -> dict[str, str]:
     deps = svc.get("depends_on", {})
-    return {name: "service_started" for name in deps} if isinstance(deps, list) else {
-        name: d["condition"] for name, d in deps.items()}
+    if isinstance(deps, list):
+        return dict.fromkeys(deps, "service_started")
+    return {name: d["condition"] for name, d in deps.items()}
 
 
 def test_services_one_supernode_and_clientapp_per_demo_site(compose):
     assert set(compose["services"]) == FLOWER_SERVICES | {"data", "federate", "report", "api"}
 
 
+def in_memory(cmd: list[str]) -> list[str]:
+    """The launcher's SuperLink command with Flower's in-memory state instead of its SQLite file."""
+    i = cmd.index("--database")
+    return cmd[:i + 1] + [":flwr-in-memory:"] + cmd[i + 2:]
+
+
 def test_superlink_and_serverapp_match_the_native_launcher(compose):
     link = compose["services"]["superlink"]
-    assert link["command"] == superlink_command("/state", host="0.0.0.0", port=9093, isolation="process")
-    assert not link.get("ports")  # the submitter runs inside the network: nothing published
-    assert "superlink-state:/state" in link["volumes"] and "superlink-state" in compose["volumes"]
+    assert link["command"] == in_memory(superlink_command("/state", host="0.0.0.0", port=9093, isolation="process"))
+    assert not link.get("ports") and not link.get("volumes")  # the submitter runs inside the network
     assert "9093" in " ".join(link["healthcheck"]["test"])
     serverapp = compose["services"]["serverapp"]
     assert serverapp["command"] == superexec_command("superlink:9093")
@@ -192,8 +198,8 @@ def test_build_context_leaves_out_the_venv_data_and_runs():
 @pytest.mark.parametrize("site", SITES)
 def test_tls_override_adds_certificates_and_node_keys(tls_override, site):
     services = tls_override["services"]
-    assert services["superlink"]["command"] == superlink_command(
-        "/state", host="0.0.0.0", port=9093, tls_dir="/certs", supernode_auth=True, isolation="process")
+    assert services["superlink"]["command"] == in_memory(superlink_command(
+        "/state", host="0.0.0.0", port=9093, tls_dir="/certs", supernode_auth=True, isolation="process"))
     assert services["serverapp"]["command"] == superexec_command("superlink:9093", ca_cert="/certs/ca.crt")
     node = services[f"supernode-{site}"]
     assert node["command"] == supernode_command("superlink:9093", 9094, site, f"/data/{site}", ca_cert="/certs/ca.crt",
