@@ -23,6 +23,7 @@ from server.api.config import ApiSettings
 from server.api.deps import get_settings, require_api_key
 from server.api.inference import ModelLoadError, ModelNotFoundError, ModelStore
 from server.api.routes import admin, health, models, report, segment, ui
+from server.api.routes import pacs
 from server.api.routes.ui import STATIC_DIR, SWAGGER_DIR
 from shared.errors import InvalidVolumeError
 
@@ -101,6 +102,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(segment.router)
+    app.include_router(pacs.router)
     app.include_router(report.router, dependencies=[Depends(require_api_key)])
     app.include_router(admin.router)
     app.include_router(ui.router)
