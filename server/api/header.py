@@ -94,8 +94,10 @@ def _parse(prefix: bytes, source: str) -> nib.Nifti1Header:
         raise InvalidVolumeError(f"{source}: two-file NIfTI (.hdr/.img) is not supported; send a single .nii or .nii.gz")
     if found != magic:
         raise InvalidVolumeError(f"{source}: wrong NIfTI magic (expected '{expected}'); the file is not a valid NIfTI")
+    # Byte order from sizeof_hdr (nibabel guesses it from dim[0], which is one of the fields checked here).
+    endian = "<" if int.from_bytes(prefix[:4], "little") == klass.sizeof_hdr else ">"
     try:
-        return klass.from_fileobj(io.BytesIO(prefix[: klass.sizeof_hdr]), check=False)
+        return klass.from_fileobj(io.BytesIO(prefix[: klass.sizeof_hdr]), endianness=endian, check=False)
     except Exception as exc:  # nibabel's HeaderDataError and friends
         raise InvalidVolumeError(f"{source}: invalid NIfTI header ({type(exc).__name__})") from None
 
@@ -146,10 +148,10 @@ def _check_offset(hdr: nib.Nifti1Header, source: str) -> int:
 
 def _check_scaling(hdr: nib.Nifti1Header, source: str, warnings: list[str]) -> None:
     slope, inter = float(hdr["scl_slope"]), float(hdr["scl_inter"])
-    if slope == 0:  # the standard's "no scaling"
+    if slope == 0 or math.isnan(slope):  # the standard's "no scaling"; NaN is nibabel's "not set"
         return
     if not math.isfinite(slope):  # nibabel: no valid scaling, data read as stored
-        warnings.append("scl_slope is not finite; voxel values read unscaled")
+        warnings.append("scl_slope is infinite; voxel values read unscaled as nibabel does")
         hdr["scl_slope"], hdr["scl_inter"] = 0, 0
         return
     if not math.isfinite(inter):
@@ -199,7 +201,7 @@ def _qform(hdr: nib.Nifti1Header, warnings: list[str]) -> tuple[np.ndarray | Non
     if not np.all(np.isfinite(bcd)):
         return None, "quaternion quatern_b/c/d is not finite"
     norm = float(bcd @ bcd)
-    if norm > 1 + float(hdr.quaternion_threshold):
+    if norm - 1 >= abs(float(hdr.quaternion_threshold)):  # nibabel's fillpositive tolerance
         return None, f"quaternion norm quatern_b^2+c^2+d^2 = {norm:.6g} exceeds 1"
     offsets = np.asarray([hdr["qoffset_x"], hdr["qoffset_y"], hdr["qoffset_z"]], dtype=np.float64)
     if not np.all(np.isfinite(offsets)):
