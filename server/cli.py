@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name != f"server.commands.{name}":
                 raise
             continue  # subcommand not shipped in this build
-        cmd = sub.add_parser(name, help=module.HELP, description=module.HELP,
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        cmd = sub.add_parser(
+            name, help=module.HELP, description=module.HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
         module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)
     return parser
@@ -36,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args._run(args) or 0)
     except (InvalidSiteError, InvalidVolumeError, ValueError, FileNotFoundError) as exc:

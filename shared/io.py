@@ -49,7 +49,9 @@ def check_image_header(img: nib.Nifti1Image, source: str, max_voxels: int | None
     if min(shape) < 1:
         raise InvalidVolumeError(f"{source}: zero-length dimension in shape {shape}")
     if max_voxels is not None and int(np.prod(shape, dtype=np.int64)) > max_voxels:
-        raise InvalidVolumeError(f"{source}: {int(np.prod(shape, dtype=np.int64))} voxels exceeds the limit of {max_voxels}")
+        raise InvalidVolumeError(
+            f"{source}: {int(np.prod(shape, dtype=np.int64))} voxels exceeds the limit of {max_voxels}"
+        )
     affine = img.affine
     if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InvalidVolumeError(f"{source}: affine is not invertible")
@@ -66,7 +68,9 @@ def load_volume(
     try:
         data = np.asarray(img.dataobj, dtype=dtype).reshape(shape)
     except Exception as exc:  # truncated file, corrupt gzip stream, bad scaling
-        raise InvalidVolumeError(f"{source}: voxel data could not be read ({type(exc).__name__}: file truncated or corrupt?)") from None
+        raise InvalidVolumeError(
+            f"{source}: voxel data could not be read ({type(exc).__name__}: file truncated or corrupt?)"
+        ) from None
     if not np.all(np.isfinite(data)):
         raise InvalidVolumeError(f"{source}: contains NaN or Inf voxels")
     meta = {

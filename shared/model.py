@@ -11,7 +11,6 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-import torch
 from torch import nn
 
 __all__ = ["NORMS", "ModelConfig", "build_unet", "norm_parameter_names", "split_norm_state", "count_parameters"]
@@ -52,7 +51,9 @@ class ModelConfig:
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if len(self.strides) != len(self.channels) - 1:
-            raise ValueError(f"strides must have length len(channels) - 1 = {len(self.channels) - 1}, got {len(self.strides)}")
+            raise ValueError(
+                f"strides must have length len(channels) - 1 = {len(self.channels) - 1}, got {len(self.strides)}"
+            )
         if self.padding_mode not in ("replicate", "reflect", "zeros", "circular"):
             raise ValueError(f"padding_mode must be replicate, reflect, zeros or circular, got {self.padding_mode!r}")
         if self.norm == "group" and any(c % self.groups for c in self.channels):
@@ -118,5 +119,3 @@ def split_norm_state(state: Mapping, norm_keys: set[str]) -> tuple[dict, dict]:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-

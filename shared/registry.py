@@ -22,8 +22,17 @@ import torch
 from shared.data import DataConfig
 from shared.model import ModelConfig, build_unet
 
-__all__ = ["save_model", "list_models", "load_model", "mark_served", "served_version", "read_meta", "data_config_from_meta",
-           "last_checkpoint", "resume_point"]
+__all__ = [
+    "save_model",
+    "list_models",
+    "load_model",
+    "mark_served",
+    "served_version",
+    "read_meta",
+    "data_config_from_meta",
+    "last_checkpoint",
+    "resume_point",
+]
 
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -74,7 +83,11 @@ def read_meta(registry: str | Path, version: str) -> dict:
 def list_models(registry: str | Path) -> list[dict]:
     """Metadata of every complete version, oldest first."""
     root = Path(registry)
-    metas = [json.loads(p.read_text()) for p in root.glob("*/meta.json") if (p.parent / "model.pt").is_file()] if root.is_dir() else []
+    metas = (
+        [json.loads(p.read_text()) for p in root.glob("*/meta.json") if (p.parent / "model.pt").is_file()]
+        if root.is_dir()
+        else []
+    )
     return sorted(metas, key=lambda m: (m.get("created", ""), m["version"]))
 
 
@@ -112,8 +125,11 @@ def data_config_from_meta(meta: dict) -> DataConfig:
 def last_checkpoint(registry: str | Path, run_name: str) -> tuple[int, str] | None:
     """(round, version) of the newest complete ``<run-name>-r<round>`` checkpoint, if any."""
     pattern = re.compile(rf"^{re.escape(run_name)}-r(\d+)$")
-    found = [(int(m.group(1)), p.name) for p in Path(registry).glob(f"{run_name}-r*")
-             if (m := pattern.match(p.name)) and (p / "model.pt").is_file() and (p / "meta.json").is_file()]
+    found = [
+        (int(m.group(1)), p.name)
+        for p in Path(registry).glob(f"{run_name}-r*")
+        if (m := pattern.match(p.name)) and (p / "model.pt").is_file() and (p / "meta.json").is_file()
+    ]
     return max(found) if found else None
 
 
@@ -125,6 +141,8 @@ def resume_point(registry: str | Path, run_name: str, resume: bool) -> tuple[int
     """
     previous = last_checkpoint(registry, run_name)
     if previous and not resume:
-        raise ValueError(f"run {run_name!r} already has checkpoints up to round {previous[0]} in {registry}; "
-                         "resume it (run config resume=true, fedmri federate --resume) or choose another run name")
+        raise ValueError(
+            f"run {run_name!r} already has checkpoints up to round {previous[0]} in {registry}; "
+            "resume it (run config resume=true, fedmri federate --resume) or choose another run name"
+        )
     return previous

@@ -86,23 +86,33 @@ class RunConfig(BaseModel):
     """A federated (or centralised) training run, validated; build with :meth:`from_run_config`."""
 
     model_config = ConfigDict(
-        alias_generator=lambda name: name.replace("_", "-"), populate_by_name=True, frozen=True, extra="forbid",
+        alias_generator=lambda name: name.replace("_", "-"),
+        populate_by_name=True,
+        frozen=True,
+        extra="forbid",
     )
 
     # Federation
     num_server_rounds: int = _field(3, "federated rounds", "federation", ("--rounds",), ge=1)
     local_epochs: int = _field(1, "epochs each site trains per round", "federation", ge=1)
-    strategy: Strategy = _field("fedavg", "server strategy: fedavg, fedprox (proximal-mu) or fedadam (server-lr)",
-                                "federation")
+    strategy: Strategy = _field(
+        "fedavg", "server strategy: fedavg, fedprox (proximal-mu) or fedadam (server-lr)", "federation"
+    )
     fedbn: bool = _field(False, "keep normalisation layers local at each site (FedBN)", "federation")
     proximal_mu: float = _field(0.01, "FedProx proximal weight", "federation", ge=0)
     server_lr: float = _field(0.01, "FedAdam server learning rate (eta)", "federation", gt=0)
-    min_sites: int = _field(2, "fewest valid site updates to aggregate a round (else the global model is kept); "
-                               "also the sites awaited at start", "federation", ge=1)
+    min_sites: int = _field(
+        2,
+        "fewest valid site updates to aggregate a round (else the global model is kept); "
+        "also the sites awaited at start",
+        "federation",
+        ge=1,
+    )
     round_timeout: float = _field(600.0, "seconds the server waits for site replies per round", "federation", gt=0)
     hd95: bool = _field(False, "also compute HD95 in federated evaluation", "federation")
-    fault_inject: str = _field("", "'<site>:nan|inf|shape': that site sends a corrupt update (fault drills)",
-                               "federation")
+    fault_inject: str = _field(
+        "", "'<site>:nan|inf|shape': that site sends a corrupt update (fault drills)", "federation"
+    )
     # Network
     norm: Norm = _field(ModelConfig.norm, "normalisation layers of the UNet: instance, batch or group", "model")
     groups: int = _field(ModelConfig.groups, "groups for norm=group", "model", ge=1)
@@ -121,8 +131,9 @@ class RunConfig(BaseModel):
     data_dir: str = Field("", description="simulation: absolute folder of site folders")
     sites: NameList = Field((), description="expected sites (simulation: one virtual node each)")
     out_dir: str = Field("", description="absolute runs folder; checkpoints in <out-dir>/registry")
-    run_name: str = Field("", description="registry prefix and run folder name",
-                          pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,100})?$")
+    run_name: str = Field(
+        "", description="registry prefix and run folder name", pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,100})?$"
+    )
     resume: bool = Field(False, description="continue the run from its last checkpoint")
 
     @field_validator("*", mode="before")
@@ -190,12 +201,18 @@ class RunConfig(BaseModel):
         return self.model_dump(by_alias=True)
 
     def network_config(self) -> ModelConfig:
-        return ModelConfig(norm=self.norm, channels=self.channels, strides=(2,) * (len(self.channels) - 1),
-                           groups=self.groups)
+        return ModelConfig(
+            norm=self.norm, channels=self.channels, strides=(2,) * (len(self.channels) - 1), groups=self.groups
+        )
 
     def data_config(self) -> DataConfig:
-        return DataConfig(spacing=self.spacing, roi_size=self.roi_size, batch_size=self.batch_size,
-                          samples_per_volume=self.samples_per_volume, zscore=self.zscore)
+        return DataConfig(
+            spacing=self.spacing,
+            roi_size=self.roi_size,
+            batch_size=self.batch_size,
+            samples_per_volume=self.samples_per_volume,
+            zscore=self.zscore,
+        )
 
     def fault_for(self, site: str) -> str | None:
         """The fault this site must inject (``"nan"``, ``"inf"``, ``"shape"``), if any."""

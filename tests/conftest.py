@@ -17,8 +17,12 @@ TINY_SPACING = (4.0, 4.0, 4.0)
 TINY_SITES = (
     SiteSpec("site-a", ScannerProfile(scale=1.0, shift=0.0, spacing=TINY_SPACING), n_train=3, n_test=1),
     SiteSpec("site-b", ScannerProfile(scale=4.0, shift=-300.0, spacing=TINY_SPACING), n_train=3, n_test=1),
-    SiteSpec("site-c", ScannerProfile(scale=0.25, shift=500.0, gamma=0.7, bias_strength=0.2,
-                                      noise_std=0.01, spacing=TINY_SPACING), n_train=2, n_test=1),
+    SiteSpec(
+        "site-c",
+        ScannerProfile(scale=0.25, shift=500.0, gamma=0.7, bias_strength=0.2, noise_std=0.01, spacing=TINY_SPACING),
+        n_train=2,
+        n_test=1,
+    ),
 )
 
 
@@ -32,8 +36,10 @@ def tiny_data_dir(tmp_path_factory) -> Path:
 
 def tiny_configs(norm: str = "instance") -> tuple[ModelConfig, DataConfig]:
     """A 3-level UNet and 32^3 crops at 4 mm: trains in seconds on 2 cores."""
-    return (ModelConfig(norm=norm, channels=(8, 16, 32), strides=(2, 2)),
-            DataConfig(spacing=TINY_SPACING, roi_size=(32, 32, 32), batch_size=2, samples_per_volume=2, val_fraction=0.34))
+    return (
+        ModelConfig(norm=norm, channels=(8, 16, 32), strides=(2, 2)),
+        DataConfig(spacing=TINY_SPACING, roi_size=(32, 32, 32), batch_size=2, samples_per_volume=2, val_fraction=0.34),
+    )
 
 
 @pytest.fixture

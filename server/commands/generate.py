@@ -15,7 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="data", help="folder to write one sub-folder per site into")
     parser.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical files")
     parser.add_argument("--full-res", action="store_true", help="1 mm volumes (default 2 mm, small enough for CPU)")
-    parser.add_argument("--scale-cases", type=float, default=1.0, help="multiply every site's case counts (e.g. 0.5, 3)")
+    parser.add_argument(
+        "--scale-cases", type=float, default=1.0, help="multiply every site's case counts (e.g. 0.5, 3)"
+    )
     parser.add_argument("--lesion-probability", type=float, default=0.5)
     parser.add_argument("--force", action="store_true", help="regenerate sites that already exist")
 
@@ -32,7 +34,9 @@ def run(args: argparse.Namespace) -> int:
             n_test=max(1, round(spec.n_test * args.scale_cases)),
         )
         if resolution == 1:
-            spec = dataclasses.replace(spec, profile=dataclasses.replace(spec.profile, spacing=tuple(v / 2 for v in spec.profile.spacing)))
+            spec = dataclasses.replace(
+                spec, profile=dataclasses.replace(spec.profile, spacing=tuple(v / 2 for v in spec.profile.spacing))
+            )
         done = out / spec.name / "dataset.json"
         if done.is_file() and not args.force:
             print(f"{spec.name}: exists, skipped (use --force to regenerate)")
@@ -41,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         generate_site(out, spec, seed=args.seed, resolution=resolution, lesion_probability=args.lesion_probability)
         p = spec.profile
-        print(f"{spec.name}: {spec.n_train} train + {spec.n_test} test, s={p.scale:g} b={p.shift:g} gamma={p.gamma:g} "
-              f"bias={p.bias_strength:g} spacing={p.spacing} ({time.perf_counter() - start:.1f}s)")
+        print(
+            f"{spec.name}: {spec.n_train} train + {spec.n_test} test, s={p.scale:g} b={p.shift:g} gamma={p.gamma:g} "
+            f"bias={p.bias_strength:g} spacing={p.spacing} ({time.perf_counter() - start:.1f}s)"
+        )
     return 0

@@ -12,8 +12,7 @@ from shared.runconfig import RunConfig, run_config_defaults
 
 __all__ = ["add_data_dir", "add_run_config_args", "run_config_from_args", "float_tuple"]
 
-_TITLES = {"model": "network", "data": "preprocessing and sampling", "train": "optimiser",
-           "federation": "federation"}
+_TITLES = {"model": "network", "data": "preprocessing and sampling", "train": "optimiser", "federation": "federation"}
 
 
 def float_tuple(text: str) -> tuple[float, ...]:
@@ -25,8 +24,12 @@ def float_tuple(text: str) -> tuple[float, ...]:
 
 def add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="data", help="folder holding one sub-folder per site (Decathlon layout)")
-    parser.add_argument("--sites", type=lambda s: [v for v in s.split(",") if v], default=None,
-                        help="comma-separated site folder names (default: every site under --data)")
+    parser.add_argument(
+        "--sites",
+        type=lambda s: [v for v in s.split(",") if v],
+        default=None,
+        help="comma-separated site folder names (default: every site under --data)",
+    )
 
 
 def _flag_type(name: str):
@@ -51,8 +54,9 @@ def _choices(annotation: Any) -> tuple | None:
     return args if args and all(isinstance(a, str) for a in args) else None
 
 
-def add_run_config_args(parser: argparse.ArgumentParser, groups: Iterable[str],
-                        defaults: Mapping[str, Any] | None = None) -> None:
+def add_run_config_args(
+    parser: argparse.ArgumentParser, groups: Iterable[str], defaults: Mapping[str, Any] | None = None
+) -> None:
     """One ``--<key>`` flag per ``RunConfig`` field of the given CLI groups.
 
     Unset flags stay out of the namespace, so only what the user typed overrides the run config;
@@ -68,16 +72,21 @@ def add_run_config_args(parser: argparse.ArgumentParser, groups: Iterable[str],
             flags = [f"--{info.alias}", *extra.get("flags", [])]
             help_text = f"{info.description} (default: {shown[info.alias]})"
             if info.annotation is bool:
-                g.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=help_text)
+                g.add_argument(
+                    *flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+                )
             elif choices := _choices(info.annotation):
-                g.add_argument(*flags, dest=name, type=str.lower, choices=choices, default=argparse.SUPPRESS,
-                               help=help_text)
+                g.add_argument(
+                    *flags, dest=name, type=str.lower, choices=choices, default=argparse.SUPPRESS, help=help_text
+                )
             else:
                 g.add_argument(*flags, dest=name, type=_flag_type(name), default=argparse.SUPPRESS, help=help_text)
 
 
 def run_config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The run-config keys the user set on the command line (kebab-case), typed."""
-    return {info.alias: getattr(args, name) for name, info in RunConfig.model_fields.items()
-            if info.json_schema_extra and hasattr(args, name)}
+    return {
+        info.alias: getattr(args, name)
+        for name, info in RunConfig.model_fields.items()
+        if info.json_schema_extra and hasattr(args, name)
+    }

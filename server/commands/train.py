@@ -16,8 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_dir(parser)
     parser.add_argument("--out", default="runs", help="runs folder; models go to OUT/registry")
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--name", default=None,
-                        help="registry version name (default: pooled-<norm> or local-<site>-<norm>)")
+    parser.add_argument(
+        "--name", default=None, help="registry version name (default: pooled-<norm> or local-<site>-<norm>)"
+    )
     parser.add_argument("--local", action="store_true", help="train one model per site on that site alone")
     parser.add_argument("--serve", action="store_true", help="mark the trained model as the one the API serves")
     add_run_config_args(parser, ("model", "data", "train"))
@@ -45,21 +46,39 @@ def run(args: argparse.Namespace) -> int:
         log.info("training %s on %s for %d epochs", version, ",".join(names), args.epochs)
         model = build_unet(mcfg)
         history = train_on_sites(
-            group, model, dcfg, args.epochs, lr=cfg.lr, seed=cfg.seed,
-            on_epoch=lambda e, st: print(f"epoch {e}/{args.epochs}  loss {st['train_loss']:.4f}  "
-                                         f"({st['seconds']:.1f}s)", flush=True),
+            group,
+            model,
+            dcfg,
+            args.epochs,
+            lr=cfg.lr,
+            seed=cfg.seed,
+            on_epoch=lambda e, st: print(
+                f"epoch {e}/{args.epochs}  loss {st['train_loss']:.4f}  ({st['seconds']:.1f}s)", flush=True
+            ),
         )
         metrics = {}
         for site in sites:
             if site.val:
                 result = evaluate(model, site.val, dcfg)
                 metrics[site.name] = result.flat()
-                print(f"  val {site.name}: Dice GM {result.dice[1]:.3f} WM {result.dice[2]:.3f} "
-                      f"lesion {result.dice[3]:.3f} mean {result.mean_dice:.3f}")
+                print(
+                    f"  val {site.name}: Dice GM {result.dice[1]:.3f} WM {result.dice[2]:.3f} "
+                    f"lesion {result.dice[3]:.3f} mean {result.mean_dice:.3f}"
+                )
         folder = save_model(
-            registry, version, model.state_dict(), mcfg, dcfg,
-            kind="local" if args.local else "pooled", strategy="centralized", norm=mcfg.norm,
-            sites=names, epochs=args.epochs, history=history, metrics=metrics, config=cfg.to_run_config(),
+            registry,
+            version,
+            model.state_dict(),
+            mcfg,
+            dcfg,
+            kind="local" if args.local else "pooled",
+            strategy="centralized",
+            norm=mcfg.norm,
+            sites=names,
+            epochs=args.epochs,
+            history=history,
+            metrics=metrics,
+            config=cfg.to_run_config(),
         )
         if args.serve:
             mark_served(registry, version)

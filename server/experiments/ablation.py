@@ -34,17 +34,16 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.data import DataConfig
-from shared.labels import TISSUE_LABELS
-from shared.metrics import nanmean
-from shared.runconfig import RunConfig
-
 from server.report.ablation import write_ablation
 from server.report.evaluation import SiteEvaluation, evaluate_sites
 from server.report.fairness import summarize_sites
 from server.report.history import read_history
 from server.report.invariance import summarize_checks
 from server.report.render import fmt
+from shared.data import DataConfig
+from shared.labels import TISSUE_LABELS
+from shared.metrics import nanmean
+from shared.runconfig import RunConfig
 
 __all__ = ["VARIANTS", "FAST", "FULL", "AblationConfig", "run_ablation"]
 
@@ -70,8 +69,14 @@ VARIANTS: dict[str, Variant] = {
 
 # Presets: run-config overrides shared by every variant. FAST: about 20 minutes on 2 CPU cores.
 FAST: dict = {"num-server-rounds": 8, "local-epochs": 2, "spacing": "3,3,3", "roi-size": "48,48,48", "lr": 0.003}
-FULL: dict = {"num-server-rounds": 20, "local-epochs": 2, "spacing": "2,2,2", "roi-size": "64,64,64",
-              "channels": "16,32,64,128", "lr": 0.001}
+FULL: dict = {
+    "num-server-rounds": 20,
+    "local-epochs": 2,
+    "spacing": "2,2,2",
+    "roi-size": "64,64,64",
+    "channels": "16,32,64,128",
+    "lr": 0.001,
+}
 
 
 @dataclass
@@ -107,13 +112,27 @@ class AblationConfig:
         return self.run.replace(**variant.overrides)
 
     def to_dict(self) -> dict:
-        return {"run": self.run.to_run_config(), "k": self.k, "threshold": self.threshold, "sites": self.sites,
-                "variants": list(self.variants)}
+        return {
+            "run": self.run.to_run_config(),
+            "k": self.k,
+            "threshold": self.threshold,
+            "sites": self.sites,
+            "variants": list(self.variants),
+        }
 
 
 def _evaluate(model, cfg: DataConfig, data_dir, config: AblationConfig) -> tuple[list[SiteEvaluation], list[dict]]:
-    return evaluate_sites(model, data_dir, cfg, sites=config.sites, k=config.k, gammas=(), bias_strengths=(),
-                          seed=config.run.seed, hd95=False)
+    return evaluate_sites(
+        model,
+        data_dir,
+        cfg,
+        sites=config.sites,
+        k=config.k,
+        gammas=(),
+        bias_strengths=(),
+        seed=config.run.seed,
+        hd95=False,
+    )
 
 
 def _site_scores(evaluations: Sequence[SiteEvaluation]) -> dict[str, dict]:
@@ -125,8 +144,14 @@ def _site_scores(evaluations: Sequence[SiteEvaluation]) -> dict[str, dict]:
         case_means = [nanmean(c["dice"].values()) for c in e.cases]
         tissue = [nanmean(c["dice"].get(k, math.nan) for k in TISSUE_LABELS) for c in e.cases]
         inv = summarize_checks(e.affine_checks)
-        out[e.site] = {"dice": nanmean(case_means), "tissue_dice": nanmean(tissue), "dice_per_label": per_label,
-                       "n_cases": len(e.cases), "invariance_mean": inv["mean"], "invariance_min": inv["min"]}
+        out[e.site] = {
+            "dice": nanmean(case_means),
+            "tissue_dice": nanmean(tissue),
+            "dice_per_label": per_label,
+            "n_cases": len(e.cases),
+            "invariance_mean": inv["mean"],
+            "invariance_min": inv["min"],
+        }
     return out
 
 
@@ -136,12 +161,28 @@ def _summary(name: str, variant: Variant, sites: dict[str, dict], config: Ablati
     inv_means = [v["invariance_mean"] for v in sites.values()]
     inv_mins = [v["invariance_min"] for v in sites.values()]
     return {
-        "name": name, "title": variant.title, "kind": variant.kind, "sites": sites,
-        "mean_dice": fairness.mean, "worst_site": fairness.worst_site, "worst_dice": fairness.worst,
-        "gap": fairness.gap, "ratio": fairness.ratio, "std": fairness.std, "flagged": fairness.flagged,
-        "tissue": {"mean": tissue.mean, "worst_site": tissue.worst_site, "worst": tissue.worst, "gap": tissue.gap,
-                   "ratio": tissue.ratio, "std": tissue.std, "flagged": tissue.flagged},
-        "invariance": nanmean(inv_means), "invariance_min": float(np.nanmin(inv_mins)) if np.isfinite(inv_mins).any() else math.nan,
+        "name": name,
+        "title": variant.title,
+        "kind": variant.kind,
+        "sites": sites,
+        "mean_dice": fairness.mean,
+        "worst_site": fairness.worst_site,
+        "worst_dice": fairness.worst,
+        "gap": fairness.gap,
+        "ratio": fairness.ratio,
+        "std": fairness.std,
+        "flagged": fairness.flagged,
+        "tissue": {
+            "mean": tissue.mean,
+            "worst_site": tissue.worst_site,
+            "worst": tissue.worst,
+            "gap": tissue.gap,
+            "ratio": tissue.ratio,
+            "std": tissue.std,
+            "flagged": tissue.flagged,
+        },
+        "invariance": nanmean(inv_means),
+        "invariance_min": float(np.nanmin(inv_mins)) if np.isfinite(inv_mins).any() else math.nan,
         **extra,
     }
 
@@ -158,15 +199,30 @@ def _train_central(sites, cfg: RunConfig, epochs: int):
     return model.eval(), history
 
 
-def _federate(run_federation, data_dir, runs: Path, config: AblationConfig, variant: Variant, run_name: str, mode: str,
-              echo: Callable[[str], None], attempts: int = 2):
+def _federate(
+    run_federation,
+    data_dir,
+    runs: Path,
+    config: AblationConfig,
+    variant: Variant,
+    run_name: str,
+    mode: str,
+    echo: Callable[[str], None],
+    attempts: int = 2,
+):
     """One federated variant; a run that did not complete is retried once from scratch."""
     from server.federation import FederationError
 
     for attempt in range(1, attempts + 1):
         try:
-            return run_federation(data_dir, runs, sites=config.sites, run_config=config.variant_config(variant).to_run_config(),
-                                  run_name=run_name, mode=mode)
+            return run_federation(
+                data_dir,
+                runs,
+                sites=config.sites,
+                run_config=config.variant_config(variant).to_run_config(),
+                run_name=run_name,
+                mode=mode,
+            )
         except FederationError as exc:
             if attempt == attempts:
                 raise
@@ -185,10 +241,9 @@ def run_ablation(
     Models go to ``out_dir/runs/registry`` (federation run logs to ``out_dir/runs/federation``).
     Returns the results dict that ablation.json holds.
     """
+    from server.federation import run_federation
     from shared.registry import data_config_from_meta, load_model, save_model
     from shared.training import discover_sites, load_site
-
-    from server.federation import run_federation
 
     config = config or AblationConfig()
     out = Path(out_dir)
@@ -196,8 +251,15 @@ def run_ablation(
     registry = runs / "registry"
     site_dirs = discover_sites(data_dir, config.sites)
     epochs = config.run.num_server_rounds * config.run.local_epochs
-    results: dict = {"config": config.to_dict(), "data_dir": str(data_dir), "budget_epochs": epochs,
-                     "variants": [], "cross_site": None, "cross_site_tissue": None, "skipped": {}}
+    results: dict = {
+        "config": config.to_dict(),
+        "data_dir": str(data_dir),
+        "budget_epochs": epochs,
+        "variants": [],
+        "cross_site": None,
+        "cross_site_tissue": None,
+        "skipped": {},
+    }
     start_all = time.perf_counter()
     for name in config.variants:
         variant = VARIANTS[name]
@@ -210,20 +272,45 @@ def run_ablation(
             evaluations, skipped = _evaluate(model, data_config_from_meta(meta), data_dir, config)
             history = read_history(fed.log_path)
             last_val = {s: v[-1] for s, v in history.sites.items()} if history.rounds else {}
-            summary = _summary(name, variant, _site_scores(evaluations), config, version=fed.version,
-                               fed_val_last_round=last_val, history=history.to_dict(), train_seconds=train_seconds)
+            summary = _summary(
+                name,
+                variant,
+                _site_scores(evaluations),
+                config,
+                version=fed.version,
+                fed_val_last_round=last_val,
+                history=history.to_dict(),
+                train_seconds=train_seconds,
+            )
         elif variant.kind == "pooled":
             cfg = config.variant_config(variant)
             dcfg = cfg.data_config()
             sites = [load_site(p, dcfg, seed=cfg.seed) for p in site_dirs]
             model, hist = _train_central(sites, cfg, epochs)
-            save_model(registry, "ablation-pooled-in", model.state_dict(), cfg.network_config(), dcfg, kind="pooled",
-                       strategy="centralized", norm=cfg.norm, sites=[s.name for s in sites], epochs=epochs,
-                       history=hist, config=cfg.to_run_config())
+            save_model(
+                registry,
+                "ablation-pooled-in",
+                model.state_dict(),
+                cfg.network_config(),
+                dcfg,
+                kind="pooled",
+                strategy="centralized",
+                norm=cfg.norm,
+                sites=[s.name for s in sites],
+                epochs=epochs,
+                history=hist,
+                config=cfg.to_run_config(),
+            )
             train_seconds = time.perf_counter() - start
             evaluations, skipped = _evaluate(model, dcfg, data_dir, config)
-            summary = _summary(name, variant, _site_scores(evaluations), config, version="ablation-pooled-in",
-                               train_seconds=train_seconds)
+            summary = _summary(
+                name,
+                variant,
+                _site_scores(evaluations),
+                config,
+                version="ablation-pooled-in",
+                train_seconds=train_seconds,
+            )
         else:  # local-only: one model per site, every model on every site
             cfg = config.variant_config(variant)
             dcfg = cfg.data_config()
@@ -236,9 +323,20 @@ def run_ablation(
                 t0 = time.perf_counter()
                 model, hist = _train_central([site], cfg, epochs)
                 train_seconds += time.perf_counter() - t0
-                save_model(registry, f"ablation-local-{site.name}", model.state_dict(), cfg.network_config(), dcfg,
-                           kind="local", strategy="centralized", norm=cfg.norm, sites=[site.name], epochs=epochs,
-                           history=hist, config=cfg.to_run_config())
+                save_model(
+                    registry,
+                    f"ablation-local-{site.name}",
+                    model.state_dict(),
+                    cfg.network_config(),
+                    dcfg,
+                    kind="local",
+                    strategy="centralized",
+                    norm=cfg.norm,
+                    sites=[site.name],
+                    epochs=epochs,
+                    history=hist,
+                    config=cfg.to_run_config(),
+                )
                 evaluations, skipped = _evaluate(model, dcfg, data_dir, config)
                 scores = _site_scores(evaluations)
                 matrix[site.name] = {s: v["dice"] for s, v in scores.items()}
@@ -253,12 +351,12 @@ def run_ablation(
         if skipped:
             results["skipped"][name] = skipped
         results["variants"].append(summary)
-        echo(f"[ablation] {name}: mean Dice {fmt(summary['mean_dice'])}, worst {summary['worst_site']} "
-             f"{fmt(summary['worst_dice'])}, gap {fmt(summary['gap'])}, invariance {fmt(summary['invariance'], 4)} "
-             f"({summary['seconds']:.0f}s)")
+        echo(
+            f"[ablation] {name}: mean Dice {fmt(summary['mean_dice'])}, worst {summary['worst_site']} "
+            f"{fmt(summary['worst_dice'])}, gap {fmt(summary['gap'])}, invariance {fmt(summary['invariance'], 4)} "
+            f"({summary['seconds']:.0f}s)"
+        )
         write_ablation(results, out, time.perf_counter() - start_all)  # partial results survive an interrupted run
     results["seconds"] = time.perf_counter() - start_all
     write_ablation(results, out, results["seconds"])
     return results
-
-

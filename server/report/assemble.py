@@ -9,9 +9,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from shared.labels import FOREGROUND_LABELS, LABELS, TISSUE_LABELS
-from shared.metrics import nanmean
-
 from server.report import figures
 from server.report.evaluation import SiteEvaluation
 from server.report.fairness import site_table, summarize_sites
@@ -23,6 +20,8 @@ from server.report.invariance import (
     SHIFT_RANGE,
     summarize_checks,
 )
+from shared.labels import FOREGROUND_LABELS, LABELS, TISSUE_LABELS
+from shared.metrics import nanmean
 
 __all__ = ["ReportOptions", "assemble_report", "model_info"]
 
@@ -77,8 +76,15 @@ def model_info(meta: dict) -> dict:
     mcfg = meta.get("model_config", {})
     keep = ("version", "created", "kind", "strategy", "sites", "epochs", "rounds", "round", "run_name")
     info = {k: meta[k] for k in keep if k in meta}
-    info.update({"norm": mcfg.get("norm"), "channels": mcfg.get("channels"), "fedbn": meta.get("fedbn", False),
-                 "zscore": meta.get("data_config", {}).get("zscore", False), "spacing": meta.get("data_config", {}).get("spacing")})
+    info.update(
+        {
+            "norm": mcfg.get("norm"),
+            "channels": mcfg.get("channels"),
+            "fedbn": meta.get("fedbn", False),
+            "zscore": meta.get("data_config", {}).get("zscore", False),
+            "spacing": meta.get("data_config", {}).get("spacing"),
+        }
+    )
     return info
 
 
@@ -94,8 +100,15 @@ def _histograms(evaluations: Sequence[SiteEvaluation], bins: int = 80) -> dict[s
     for e in present:
         density, _ = np.histogram(e.intensities, bins=edges, density=True)
         p1, p50, p99 = np.percentile(e.intensities, [1, 50, 99])
-        out[e.site] = {"edges": edges.tolist(), "density": density.tolist(), "p1": float(p1), "median": float(p50),
-                       "p99": float(p99), "min": float(e.intensities.min()), "max": float(e.intensities.max())}
+        out[e.site] = {
+            "edges": edges.tolist(),
+            "density": density.tolist(),
+            "p1": float(p1),
+            "median": float(p50),
+            "p99": float(p99),
+            "min": float(e.intensities.min()),
+            "max": float(e.intensities.max()),
+        }
     return out
 
 
@@ -103,8 +116,12 @@ def _invariance(evaluations: Sequence[SiteEvaluation], options: ReportOptions) -
     affine = {}
     for e in evaluations:
         summary = summarize_checks(e.affine_checks)
-        affine[e.site] = {"dice_min": summary["min"], "dice_mean": summary["mean"], "n_maps": summary["n"],
-                          "voxel_agreement_min": summarize_checks(e.affine_checks, "voxel_agreement")["min"]}
+        affine[e.site] = {
+            "dice_min": summary["min"],
+            "dice_mean": summary["mean"],
+            "n_maps": summary["n"],
+            "voxel_agreement_min": summarize_checks(e.affine_checks, "voxel_agreement")["min"],
+        }
     all_affine = [c for e in evaluations for c in e.affine_checks]
     overall = summarize_checks(all_affine)
     stops = []
@@ -142,9 +159,13 @@ def assemble_report(
 ) -> tuple[dict, dict[str, bytes]]:
     """Turn per-site evaluations into the report dict and its figures (PNG bytes)."""
     per_case = {e.site: [c["dice"] for c in e.cases] for e in evaluations}
-    rows = site_table(per_case, FOREGROUND, n_resamples=options.n_resamples, seed=options.seed, groups={"tissue": TISSUE_LABELS})
+    rows = site_table(
+        per_case, FOREGROUND, n_resamples=options.n_resamples, seed=options.seed, groups={"tissue": TISSUE_LABELS}
+    )
     for row, e in zip(rows, evaluations):
-        row["hd95"] = {k: nanmean(c["hd95"].get(k, math.nan) for c in e.cases) if options.hd95 else math.nan for k in FOREGROUND}
+        row["hd95"] = {
+            k: nanmean(c["hd95"].get(k, math.nan) for c in e.cases) if options.hd95 else math.nan for k in FOREGROUND
+        }
         row["cases"] = e.cases
     fairness = summarize_sites({r["site"]: r["dice"]["mean"]["mean"] for r in rows}, options.threshold)
     tissue = summarize_sites({r["site"]: r["dice"]["tissue"]["mean"] for r in rows}, options.threshold)
@@ -185,5 +206,3 @@ def assemble_report(
     if history and history.rounds:
         figs["history"] = figures.history_plot(history.rounds, history.sites)
     return report, figs
-
-

@@ -64,8 +64,15 @@ def generate_report(
     start = time.perf_counter()
     try:
         evaluations, skipped = evaluate_sites(
-            model, data_dir, cfg, sites=options.sites, k=options.k, gammas=options.gammas,
-            bias_strengths=options.bias_strengths, seed=options.seed, hd95=options.hd95,
+            model,
+            data_dir,
+            cfg,
+            sites=options.sites,
+            k=options.k,
+            gammas=options.gammas,
+            bias_strengths=options.bias_strengths,
+            seed=options.seed,
+            hd95=options.hd95,
             predictions_dir=tmp / "predictions" if options.save_predictions else None,
         )
     except InvalidSiteError as exc:  # no site folder at all

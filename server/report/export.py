@@ -67,7 +67,9 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: "" if (isinstance(v, float) and not math.isfinite(v)) or v is None else v for k, v in row.items()})
+            writer.writerow(
+                {k: "" if (isinstance(v, float) and not math.isfinite(v)) or v is None else v for k, v in row.items()}
+            )
 
 
 def write_report(report: dict, figs: dict[str, bytes], out_dir: str | Path) -> dict[str, Path]:
@@ -75,11 +77,14 @@ def write_report(report: dict, figs: dict[str, bytes], out_dir: str | Path) -> d
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clean = to_jsonable(report)
-    files = {"html": out / "report.html", "json": out / "report.json", "csv": out / "report.csv", "sites_csv": out / "sites.csv"}
+    files = {
+        "html": out / "report.html",
+        "json": out / "report.json",
+        "csv": out / "report.csv",
+        "sites_csv": out / "sites.csv",
+    }
     files["html"].write_text(render_report(report, figs), encoding="utf-8")
     files["json"].write_text(json.dumps(clean, indent=1) + "\n")
     write_csv(files["csv"], [{"key": k, "value": v} for k, v in flatten_numbers(clean)])
     write_csv(files["sites_csv"], _site_csv_rows(report))
     return files
-
-

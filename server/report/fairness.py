@@ -26,9 +26,7 @@ class ConfidenceInterval:
         return asdict(self)
 
 
-def bootstrap_ci(
-    values, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
-) -> ConfidenceInterval:
+def bootstrap_ci(values, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> ConfidenceInterval:
     """Percentile bootstrap interval of the mean of ``values`` (NaNs are dropped first).
 
     Cases are resampled with replacement ``n_resamples`` times. One case gives a zero-width
@@ -144,7 +142,9 @@ def site_table(
     for site, cases in per_case.items():
         row: dict = {"site": site, "n_cases": len(cases), "dice": {}}
         for label in labels:
-            row["dice"][label] = bootstrap_ci([c.get(label, math.nan) for c in cases], confidence, n_resamples, seed).to_dict()
+            row["dice"][label] = bootstrap_ci(
+                [c.get(label, math.nan) for c in cases], confidence, n_resamples, seed
+            ).to_dict()
         for group, members in {"mean": tuple(labels), **(groups or {})}.items():
             case_means = []
             for c in cases:

@@ -14,7 +14,15 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-__all__ = ["to_png", "dice_by_site", "intensity_histograms", "where_in_stops_plot", "example_slices", "history_plot", "grouped_bars"]
+__all__ = [
+    "to_png",
+    "dice_by_site",
+    "intensity_histograms",
+    "where_in_stops_plot",
+    "example_slices",
+    "history_plot",
+    "grouped_bars",
+]
 
 # Colours of labels 1..3 (grey matter, white matter, lesion); 0 stays transparent.
 LABEL_COLOURS = ListedColormap([(0, 0, 0, 0), (0.95, 0.6, 0.1, 0.55), (0.2, 0.55, 0.95, 0.55), (0.9, 0.1, 0.2, 0.8)])
@@ -36,8 +44,14 @@ def dice_by_site(rows: Sequence[dict], threshold: float) -> bytes:
     highs = np.array([r["dice"]["mean"]["high"] for r in rows], dtype=float)
     colours = ["tab:red" if m < threshold else "tab:green" for m in means]
     ax.bar(names, np.nan_to_num(means), color=colours, alpha=0.8)
-    ax.errorbar(names, np.nan_to_num(means), yerr=[np.nan_to_num(means - lows), np.nan_to_num(highs - means)],
-                fmt="none", ecolor="black", capsize=4)
+    ax.errorbar(
+        names,
+        np.nan_to_num(means),
+        yerr=[np.nan_to_num(means - lows), np.nan_to_num(highs - means)],
+        fmt="none",
+        ecolor="black",
+        capsize=4,
+    )
     ax.axhline(threshold, color="tab:red", ls="--", lw=1, label=f"threshold {threshold:g}")
     ax.set_ylim(0, 1)
     ax.set_ylabel("mean foreground Dice (95% CI)")
@@ -116,14 +130,18 @@ def history_plot(rounds: Sequence[int], sites: dict[str, Sequence[float]]) -> by
     return to_png(fig)
 
 
-def grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float]], ylabel: str, threshold: float | None = None) -> bytes:
+def grouped_bars(
+    groups: Sequence[str], series: dict[str, Sequence[float]], ylabel: str, threshold: float | None = None
+) -> bytes:
     """Bars of ``series[name][i]`` for each group ``i`` (e.g. per-site Dice of every ablation variant)."""
     fig = Figure(figsize=(max(6.0, 0.9 * len(groups) * max(1, len(series)) / 2 + 3), 3.4))
     ax = fig.subplots()
     width = 0.8 / max(1, len(series))
     x = np.arange(len(groups))
     for i, (name, values) in enumerate(series.items()):
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, np.nan_to_num(np.asarray(values, dtype=float)), width, label=name)
+        ax.bar(
+            x + (i - (len(series) - 1) / 2) * width, np.nan_to_num(np.asarray(values, dtype=float)), width, label=name
+        )
     if threshold is not None:
         ax.axhline(threshold, color="tab:red", ls="--", lw=1)
     ax.set_xticks(x, list(groups))

@@ -111,8 +111,14 @@ def affine_invariance(
     out = []
     for m in maps:
         pred = predict(m(image))
-        out.append({"scale": m.scale, "shift": m.shift, "dice": agreement_dice(ref, pred),
-                    "voxel_agreement": float((pred == ref).mean())})
+        out.append(
+            {
+                "scale": m.scale,
+                "shift": m.shift,
+                "dice": agreement_dice(ref, pred),
+                "voxel_agreement": float((pred == ref).mean()),
+            }
+        )
     return out
 
 
@@ -132,8 +138,14 @@ def where_in_stops(
     out = []
     for kind, level, perturb in perturbed:
         pred = predict(perturb(image))
-        out.append({"kind": kind, "level": float(level), "dice": agreement_dice(ref, pred),
-                    "voxel_agreement": float((pred == ref).mean())})
+        out.append(
+            {
+                "kind": kind,
+                "level": float(level),
+                "dice": agreement_dice(ref, pred),
+                "voxel_agreement": float((pred == ref).mean()),
+            }
+        )
     return out
 
 

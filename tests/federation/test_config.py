@@ -34,8 +34,16 @@ def test_defaults_parse_and_round_trip():
 
 
 def test_values_parse_to_typed_fields():
-    cfg = RunConfig.from_run_config({"channels": "8,16,32", "spacing": "4,4,4", "roi-size": "32,32,32",
-                                            "fedbn": "true", "sites": "a, b", "strategy": "FedProx"})
+    cfg = RunConfig.from_run_config(
+        {
+            "channels": "8,16,32",
+            "spacing": "4,4,4",
+            "roi-size": "32,32,32",
+            "fedbn": "true",
+            "sites": "a, b",
+            "strategy": "FedProx",
+        }
+    )
     assert cfg.channels == (8, 16, 32) and cfg.network_config().strides == (2, 2)
     assert cfg.spacing == (4.0, 4.0, 4.0) and cfg.fedbn is True
     assert cfg.sites == ("a", "b") and cfg.strategy == "fedprox"
@@ -79,9 +87,23 @@ def test_run_federation_rejects_a_bad_config_before_starting_processes(tiny_data
 
 def test_cli_reports_a_bad_config_value(tiny_data_dir, tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "server.cli", "federate", "--data", str(tiny_data_dir), "--out", str(tmp_path),
-         "--set", "proximal-mu=-1"],
-        capture_output=True, text=True, timeout=60, cwd=ROOT)
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "federate",
+            "--data",
+            str(tiny_data_dir),
+            "--out",
+            str(tmp_path),
+            "--set",
+            "proximal-mu=-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert res.returncode == 2
     assert "'proximal-mu'" in res.stderr and "Traceback" not in res.stderr
 
@@ -107,11 +129,24 @@ def test_free_port_is_loopback_and_not_a_default():
 def test_cli_progress_prints_each_site_and_what_went_wrong(capsys):
     from server.commands.federate import print_record
 
-    print_record({"event": "round", "round": 2, "seconds": 3.5, "updated": True, "missing": ["site-c"],
-                  "sites": {"site-a": {"train": {"train_loss": 0.8123}, "eval": {"dice_1": 0.5, "dice_2": 0.6, "dice_3": None,
-                                                                                 "dice_mean": 0.55}}},
-                  "failed": [], "rejected": [{"site": "site-b", "phase": "train", "reason": "w: contains NaN or Inf"}],
-                  "no_reply": [{"site": "site-c", "phase": "train"}]})
+    print_record(
+        {
+            "event": "round",
+            "round": 2,
+            "seconds": 3.5,
+            "updated": True,
+            "missing": ["site-c"],
+            "sites": {
+                "site-a": {
+                    "train": {"train_loss": 0.8123},
+                    "eval": {"dice_1": 0.5, "dice_2": 0.6, "dice_3": None, "dice_mean": 0.55},
+                }
+            },
+            "failed": [],
+            "rejected": [{"site": "site-b", "phase": "train", "reason": "w: contains NaN or Inf"}],
+            "no_reply": [{"site": "site-c", "phase": "train"}],
+        }
+    )
     out = capsys.readouterr().out
     assert "round 2 (3.5s)" in out
     assert "site-a" in out and "loss 0.812" in out and "mean 0.550" in out and "lesion   -  " in out

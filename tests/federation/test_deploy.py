@@ -17,18 +17,28 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def credentials(tmp_path_factory):
     root = tmp_path_factory.mktemp("credentials")
-    subprocess.run(["bash", str(ROOT / "deploy" / "gen-certs.sh"), str(root / "certs")], check=True, capture_output=True)
-    subprocess.run(["bash", str(ROOT / "deploy" / "gen-node-keys.sh"), str(root / "keys"), "site-a", "intruder"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["bash", str(ROOT / "deploy" / "gen-certs.sh"), str(root / "certs")], check=True, capture_output=True
+    )
+    subprocess.run(
+        ["bash", str(ROOT / "deploy" / "gen-node-keys.sh"), str(root / "keys"), "site-a", "intruder"],
+        check=True,
+        capture_output=True,
+    )
     return root / "certs", root / "keys"
 
 
 def test_scripts_make_a_verifiable_certificate_and_p384_keys(credentials):
     certs, keys = credentials
-    verify = subprocess.run(["openssl", "verify", "-CAfile", certs / "ca.crt", certs / "server.pem"], capture_output=True, text=True)
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", certs / "ca.crt", certs / "server.pem"], capture_output=True, text=True
+    )
     assert verify.returncode == 0
-    san = subprocess.run(["openssl", "x509", "-in", certs / "server.pem", "-noout", "-ext", "subjectAltName"],
-                         capture_output=True, text=True).stdout
+    san = subprocess.run(
+        ["openssl", "x509", "-in", certs / "server.pem", "-noout", "-ext", "subjectAltName"],
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "DNS:superlink" in san and "IP Address:127.0.0.1" in san
     assert (keys / "site-a.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
     assert "OPENSSH PRIVATE KEY" in (keys / "site-a").read_text()
@@ -37,8 +47,9 @@ def test_scripts_make_a_verifiable_certificate_and_p384_keys(credentials):
 
 def test_tls_superlink_admits_registered_supernodes_only(credentials, tiny_data_dir, tmp_path):
     certs, keys = credentials
-    federation = LocalFederation(tmp_path / "fed", sites={"site-a": tiny_data_dir / "site-a"}, tls_dir=certs,
-                                 auth_keys_dir=keys)
+    federation = LocalFederation(
+        tmp_path / "fed", sites={"site-a": tiny_data_dir / "site-a"}, tls_dir=certs, auth_keys_dir=keys
+    )
     intruder = None
     try:
         federation.start()
@@ -51,12 +62,19 @@ def test_tls_superlink_admits_registered_supernodes_only(credentials, tiny_data_
             time.sleep(1)
         assert [n["status"] for n in nodes] == ["online"]
         # A SuperNode whose key was never registered is refused.
-        cmd = supernode_command(federation.address, free_port(), "intruder", str(tiny_data_dir / "site-b"),
-                                ca_cert=str(certs / "ca.crt"), auth_key=str(keys / "intruder"))
+        cmd = supernode_command(
+            federation.address,
+            free_port(),
+            "intruder",
+            str(tiny_data_dir / "site-b"),
+            ca_cert=str(certs / "ca.crt"),
+            auth_key=str(keys / "intruder"),
+        )
         log = tmp_path / "intruder.log"
         with log.open("w") as sink:
-            intruder = subprocess.Popen(cmd, env=federation.env, stdout=sink, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+            intruder = subprocess.Popen(
+                cmd, env=federation.env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+            )
             intruder.wait(timeout=60)
         out = log.read_text()
         assert "Exit Code: 305" in out and "Failed to activate SuperNode" in out  # refused by the SuperLink

@@ -10,21 +10,44 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
 from server.federation.strategy import build_strategy, check_update, short_reason
-from shared.runconfig import RunConfig
 from shared.model import build_unet, norm_parameter_names
+from shared.runconfig import RunConfig
 
 
 def _reply(node: int, site: str, state: dict, n: int = 2) -> Message:
-    md = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=1, reply_to_message_id=f"m{node}",
-                  group_id="1", created_at=time.time(), ttl=60, message_type="train")
-    content = RecordDict({"arrays": ArrayRecord(torch_state_dict=state), "metrics": MetricRecord({"train_loss": 0.5, "num-examples": n}),
-                          "site": ConfigRecord({"name": site})})
+    md = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=node,
+        dst_node_id=1,
+        reply_to_message_id=f"m{node}",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60,
+        message_type="train",
+    )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(torch_state_dict=state),
+            "metrics": MetricRecord({"train_loss": 0.5, "num-examples": n}),
+            "site": ConfigRecord({"name": site}),
+        }
+    )
     return Message(content, metadata=md)
 
 
 def _error(node: int, reason: str) -> Message:
-    md = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=1, reply_to_message_id=f"m{node}",
-                  group_id="1", created_at=time.time(), ttl=60, message_type="train")
+    md = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=node,
+        dst_node_id=1,
+        reply_to_message_id=f"m{node}",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60,
+        message_type="train",
+    )
     return Message(Error(code=0, reason=reason), metadata=md)
 
 
@@ -34,8 +57,13 @@ def _setup(norm: str = "instance", **cfg):
     net = build_unet(config.network_config())
     state = {k: v.clone() for k, v in net.state_dict().items()}
     norm_keys = norm_parameter_names(net)
-    strategy = build_strategy(config, expected_shapes={k: tuple(v.shape) for k, v in state.items()},
-                              norm_keys=norm_keys, fedbn=config.fedbn, expected_sites=("a", "b", "c"))
+    strategy = build_strategy(
+        config,
+        expected_shapes={k: tuple(v.shape) for k, v in state.items()},
+        norm_keys=norm_keys,
+        fedbn=config.fedbn,
+        expected_sites=("a", "b", "c"),
+    )
     strategy.reset_round()
     return strategy, state, norm_keys
 
@@ -52,8 +80,12 @@ def test_nan_and_misshaped_updates_are_rejected_by_site_and_the_rest_aggregated(
     key = next(iter(state))
     nan_state = {**state, key: torch.full_like(state[key], float("nan"))}
     bad_shape = {**state, key: torch.zeros(3)}
-    replies = [_reply(1, "a", _shifted(state, 1.0)), _reply(2, "b", nan_state), _reply(3, "c", bad_shape),
-               _reply(4, "d", _shifted(state, 3.0))]
+    replies = [
+        _reply(1, "a", _shifted(state, 1.0)),
+        _reply(2, "b", nan_state),
+        _reply(3, "c", bad_shape),
+        _reply(4, "d", _shifted(state, 3.0)),
+    ]
     with caplog.at_level("WARNING", logger="flwr.fedmri"):
         arrays, _ = strategy.aggregate_train(1, replies)
     rejected = {r["site"]: r["reason"] for r in strategy.current["rejected"]}
@@ -70,7 +102,9 @@ def test_nan_and_misshaped_updates_are_rejected_by_site_and_the_rest_aggregated(
 def test_too_few_valid_updates_keep_the_global_model():
     strategy, state, _ = _setup(**{"min-sites": 2})
     key = next(iter(state))
-    arrays, metrics = strategy.aggregate_train(1, [_reply(1, "a", state), _reply(2, "b", {**state, key: state[key] * float("inf")})])
+    arrays, metrics = strategy.aggregate_train(
+        1, [_reply(1, "a", state), _reply(2, "b", {**state, key: state[key] * float("inf")})]
+    )
     assert arrays is None and metrics is None
     assert strategy.current["aggregated"]["train"] is None
 
@@ -79,8 +113,13 @@ def test_error_replies_name_the_site_from_the_client_message():
     strategy, state, _ = _setup()
     reason = "<class 'shared.errors.InvalidSiteError'>:<'site c: site folder not found: /data/c'>"
     strategy.aggregate_train(1, [_reply(1, "a", state), _reply(2, "b", state), _error(3, reason)])
-    assert strategy.current["failed"] == [{"site": "c", "phase": "train", "reason": "InvalidSiteError: site c: site folder not found: /data/c"}]
-    assert short_reason("...traceback...\nException ClientAppException occurred. Message: site x: boom'>") == "site x: boom"
+    assert strategy.current["failed"] == [
+        {"site": "c", "phase": "train", "reason": "InvalidSiteError: site c: site folder not found: /data/c"}
+    ]
+    assert (
+        short_reason("...traceback...\nException ClientAppException occurred. Message: site x: boom'>")
+        == "site x: boom"
+    )
 
 
 def test_fedbn_keeps_norm_layers_out_of_the_global_model():
@@ -102,4 +141,6 @@ def test_check_update_accepts_a_clean_state():
     assert "missing" in check_update(ArrayRecord(torch_state_dict=dict(list(state.items())[1:])), shapes)
     arr = {k: v.numpy() for k, v in state.items()}
     arr[next(iter(arr))] = np.full_like(arr[next(iter(arr))], np.inf)
-    assert "NaN or Inf" in check_update(ArrayRecord(torch_state_dict={k: torch.from_numpy(v) for k, v in arr.items()}), shapes)
+    assert "NaN or Inf" in check_update(
+        ArrayRecord(torch_state_dict={k: torch.from_numpy(v) for k, v in arr.items()}), shapes
+    )

@@ -10,7 +10,9 @@ from server.cli import COMMANDS, build_parser
 
 
 def fedmri(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def test_every_subcommand_is_wired_and_has_help():
@@ -28,8 +30,22 @@ def test_help_runs():
 
 
 def test_train_writes_a_registered_model(tiny_data_dir, tmp_path):
-    result = fedmri("train", "--data", str(tiny_data_dir), "--out", str(tmp_path), "--epochs", "1", "--roi", "32,32,32",
-                    "--spacing", "4,4,4", "--channels", "8,16,32", "--serve")
+    result = fedmri(
+        "train",
+        "--data",
+        str(tiny_data_dir),
+        "--out",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        "--roi",
+        "32,32,32",
+        "--spacing",
+        "4,4,4",
+        "--channels",
+        "8,16,32",
+        "--serve",
+    )
     assert result.returncode == 0, result.stderr
     assert "val site-a: Dice" in result.stdout
     meta = json.loads((tmp_path / "registry" / "pooled-instance" / "meta.json").read_text())
@@ -38,11 +54,14 @@ def test_train_writes_a_registered_model(tiny_data_dir, tmp_path):
     assert json.loads((tmp_path / "registry" / "served.json").read_text()) == {"version": "pooled-instance"}
 
 
-@pytest.mark.parametrize("args,message", [
-    (["train", "--data", "/nonexistent/fedmri-data"], "no site folders"),
-    (["train", "--norm", "layer"], "invalid choice"),
-    (["train", "--roi", "a,b,c"], "comma-separated integers"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "--data", "/nonexistent/fedmri-data"], "no site folders"),
+        (["train", "--norm", "layer"], "invalid choice"),
+        (["train", "--roi", "a,b,c"], "comma-separated integers"),
+    ],
+)
 def test_bad_arguments_fail_clearly(args, message, tmp_path):
     result = fedmri(*args, cwd=tmp_path)
     assert result.returncode == 2

@@ -23,8 +23,12 @@ def test_output_shape(norm, shape):
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"norm": "layer"}, "norm"), ({"channels": (8, 16), "strides": (2, 2)}, "strides"),
-     ({"norm": "group", "groups": 3}, "groups"), ({"padding_mode": "edge"}, "padding_mode")],
+    [
+        ({"norm": "layer"}, "norm"),
+        ({"channels": (8, 16), "strides": (2, 2)}, "strides"),
+        ({"norm": "group", "groups": 3}, "groups"),
+        ({"padding_mode": "edge"}, "padding_mode"),
+    ],
 )
 def test_ill_hyper_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -46,7 +50,9 @@ def test_configurations_that_break_invariance_warn():
 def test_fedbn_norm_keys():
     assert norm_parameter_names(build_unet(norm="instance")) == set()  # affine-free IN has no state
     bn_keys = norm_parameter_names(build_unet(norm="batch"))
-    assert bn_keys and all(k.endswith(("weight", "bias", "running_mean", "running_var", "num_batches_tracked")) for k in bn_keys)
+    assert bn_keys and all(
+        k.endswith(("weight", "bias", "running_mean", "running_var", "num_batches_tracked")) for k in bn_keys
+    )
     assert bn_keys < set(build_unet(norm="batch").state_dict())
 
 
@@ -97,8 +103,13 @@ def test_batch_norm_model_in_eval_mode_is_not_invariant(volume):
     assert max(agreement) < 0.9, f"BN model label agreement {agreement}"
 
 
-@pytest.mark.parametrize("kwargs,why", [({"num_res_units": 2}, "residual units carry the raw input past IN"),
-                                        ({"padding_mode": "zeros"}, "zero padding is not shifted by b")])
+@pytest.mark.parametrize(
+    "kwargs,why",
+    [
+        ({"num_res_units": 2}, "residual units carry the raw input past IN"),
+        ({"padding_mode": "zeros"}, "zero padding is not shifted by b"),
+    ],
+)
 def test_stock_monai_choices_break_invariance(volume, kwargs, why):
     agreement = label_agreement(random_net(norm="instance", **kwargs), volume)
     # Measured here: residual 0.19-0.63, zero padding 0.63-0.97.

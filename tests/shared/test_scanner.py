@@ -49,8 +49,15 @@ def test_same_rng_seed_same_output(signal):
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"scale": 0}, "scale"), ({"scale": -1}, "scale"), ({"gamma": 0}, "gamma"), ({"bias_strength": 1.5}, "bias_strength"),
-     ({"noise": "poisson"}, "noise"), ({"spacing": (1, 1)}, "spacing"), ({"noise_std": -1}, "noise_std")],
+    [
+        ({"scale": 0}, "scale"),
+        ({"scale": -1}, "scale"),
+        ({"gamma": 0}, "gamma"),
+        ({"bias_strength": 1.5}, "bias_strength"),
+        ({"noise": "poisson"}, "noise"),
+        ({"spacing": (1, 1)}, "spacing"),
+        ({"noise_std": -1}, "noise_std"),
+    ],
 )
 def test_ill_profiles_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

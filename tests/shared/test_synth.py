@@ -4,15 +4,21 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from shared.scanner import ScannerProfile
 from shared.labels import LABELS
+from shared.scanner import ScannerProfile
 from shared.synth import SiteSpec, generate_site, resample_to_spacing, synthesize_subject
 
-SPEC = SiteSpec("h-x", ScannerProfile(scale=2.0, shift=-100.0, noise_std=0.01, spacing=(4.0, 4.0, 4.0)), n_train=2, n_test=1)
+SPEC = SiteSpec(
+    "h-x", ScannerProfile(scale=2.0, shift=-100.0, noise_std=0.01, spacing=(4.0, 4.0, 4.0)), n_train=2, n_test=1
+)
 
 
 def test_subject_is_deterministic_and_anatomical():
-    a, b, c = synthesize_subject(5, resolution=4), synthesize_subject(5, resolution=4), synthesize_subject(6, resolution=4)
+    a, b, c = (
+        synthesize_subject(5, resolution=4),
+        synthesize_subject(5, resolution=4),
+        synthesize_subject(6, resolution=4),
+    )
     np.testing.assert_array_equal(a.signal, b.signal)
     np.testing.assert_array_equal(a.label, b.label)
     assert not np.array_equal(a.signal, c.signal)

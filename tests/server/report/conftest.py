@@ -17,8 +17,17 @@ def trained_registry(train_tiny, tmp_path_factory) -> Path:
     registry = tmp_path_factory.mktemp("registry")
     for norm in ("instance", "batch"):
         model, _, sites, mcfg, dcfg = train_tiny(norm, TINY_EPOCHS)
-        save_model(registry, f"tiny-{norm}", model.state_dict(), mcfg, dcfg, kind="pooled", strategy="centralized",
-                   norm=norm, sites=[s.name for s in sites])
+        save_model(
+            registry,
+            f"tiny-{norm}",
+            model.state_dict(),
+            mcfg,
+            dcfg,
+            kind="pooled",
+            strategy="centralized",
+            norm=norm,
+            sites=[s.name for s in sites],
+        )
     mark_served(registry, "tiny-instance")
     return registry
 

@@ -21,9 +21,29 @@ from server.report.build import ReportOptions, generate_report
 @pytest.mark.slow
 def test_ablation_end_to_end(tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "ablation"
-    args = ["ablation", "--data", str(tiny_data_dir), "--out", str(out), "--variants", "fed-in,pooled-in,local-in",
-            "--rounds", "1", "--local-epochs", "2", "--spacing", "4,4,4", "--roi", "32,32,32", "--channels", "8,16,32",
-            "--k", "2", "--threshold", "0.3"]
+    args = [
+        "ablation",
+        "--data",
+        str(tiny_data_dir),
+        "--out",
+        str(out),
+        "--variants",
+        "fed-in,pooled-in,local-in",
+        "--rounds",
+        "1",
+        "--local-epochs",
+        "2",
+        "--spacing",
+        "4,4,4",
+        "--roi",
+        "32,32,32",
+        "--channels",
+        "8,16,32",
+        "--k",
+        "2",
+        "--threshold",
+        "0.3",
+    ]
     assert main(args) == 0
     assert "ablation.html" in capsys.readouterr().out
 
@@ -75,18 +95,26 @@ def test_ablation_end_to_end(tiny_data_dir, tmp_path, capsys):
     assert "| federated IN (FedAvg) |" in md and "trained on" in md
 
     # The fairness report of the federated model finds its run log and plots the rounds.
-    report = generate_report(out / "runs" / "registry", tiny_data_dir, tmp_path / "report", version=variants["fed-in"]["version"],
-                             options=ReportOptions(k=1, gammas=(), bias_strengths=(), n_resamples=100, hd95=False)).report
+    report = generate_report(
+        out / "runs" / "registry",
+        tiny_data_dir,
+        tmp_path / "report",
+        version=variants["fed-in"]["version"],
+        options=ReportOptions(k=1, gammas=(), bias_strengths=(), n_resamples=100, hd95=False),
+    ).report
     assert report["history"]["rounds"] == [1]
     assert report["history"]["sites"] == {s: [variants["fed-in"]["fed_val_last_round"][s]] for s in sites}
     assert report["model"]["kind"] == "federated"
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"variants": ("fed-xx",)}, "unknown ablation variant"),
-    ({"run_config": {"num-server-rounds": 0}}, "'num-server-rounds'"),
-    ({"run_config": {"roi": "48,48,48"}}, "unknown run config key"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"variants": ("fed-xx",)}, "unknown ablation variant"),
+        ({"run_config": {"num-server-rounds": 0}}, "'num-server-rounds'"),
+        ({"run_config": {"roi": "48,48,48"}}, "unknown run config key"),
+    ],
+)
 def test_ablation_config_ill_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AblationConfig.preset(**kwargs)

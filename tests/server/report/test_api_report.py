@@ -38,7 +38,9 @@ def test_report_route_without_a_model_is_404(tiny_data_dir, tmp_path):
 
 
 def test_report_route_without_site_data_is_404(trained_registry, tmp_path):
-    settings = ApiSettings(registry_dir=trained_registry, data_dir=tmp_path / "nodata", reports_dir=tmp_path / "reports")
+    settings = ApiSettings(
+        registry_dir=trained_registry, data_dir=tmp_path / "nodata", reports_dir=tmp_path / "reports"
+    )
     with TestClient(create_app(settings)) as client:
         response = client.get("/v1/report", params={"format": "json"})
     assert response.status_code == 404

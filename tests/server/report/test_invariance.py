@@ -5,9 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.registry import data_config_from_meta, load_model
-from shared.scanner import smooth_bias_field
-
 from server.report.evaluation import evaluate_sites
 from server.report.invariance import (
     AffineMap,
@@ -17,6 +14,8 @@ from server.report.invariance import (
     random_affine_maps,
     summarize_checks,
 )
+from shared.registry import data_config_from_meta, load_model
+from shared.scanner import smooth_bias_field
 
 
 def test_random_maps_stay_in_range_and_are_seeded():
@@ -69,7 +68,9 @@ def test_instance_norm_is_invariant_and_batch_norm_is_not(trained_registry, tiny
     for version in ("tiny-instance", "tiny-batch"):
         model, meta = load_model(trained_registry, version)
         assert not model.training
-        evaluations, skipped = evaluate_sites(model, tiny_data_dir, data_config_from_meta(meta), k=3, gammas=(), bias_strengths=(), hd95=False)
+        evaluations, skipped = evaluate_sites(
+            model, tiny_data_dir, data_config_from_meta(meta), k=3, gammas=(), bias_strengths=(), hd95=False
+        )
         assert not skipped
         scores[version] = summarize_checks([c for e in evaluations for c in e.affine_checks])
         assert scores[version]["n"] == 3 * sum(len(e.cases) for e in evaluations)

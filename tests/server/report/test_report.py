@@ -7,7 +7,6 @@ import json
 import math
 import shutil
 from html.parser import HTMLParser
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -91,7 +90,9 @@ def test_fairness_summary_recomputed_from_the_site_table(tiny_report):
     assert sorted(fairness["flagged"]) == sorted(s for s, v in scores.items() if v < 0.4)
     assert {r["site"] for r in rows if r["flagged"] == "True"} == set(fairness["flagged"])
     tissue = {r["site"]: float(r["dice_tissue"]) for r in rows}
-    assert tissue == pytest.approx({r["site"]: np.mean([float(r["dice_1"]), float(r["dice_2"])]) for r in rows}, abs=1e-6)
+    assert tissue == pytest.approx(
+        {r["site"]: np.mean([float(r["dice_1"]), float(r["dice_2"])]) for r in rows}, abs=1e-6
+    )
     fairness_tissue = json.loads(tiny_report.files["json"].read_text())["fairness_tissue"]
     assert fairness_tissue["worst_site"] == min(tissue, key=tissue.get)
     assert fairness_tissue["gap"] == pytest.approx(max(tissue.values()) - min(tissue.values()), abs=1e-6)
@@ -118,7 +119,9 @@ def test_csv_holds_every_number_of_the_json(tiny_report):
     report = json.loads(tiny_report.files["json"].read_text())
     assert float(rows["fairness.gap"]) == pytest.approx(report["fairness"]["gap"])
     assert float(rows["sites.0.dice.mean.low"]) == pytest.approx(report["sites"][0]["dice"]["mean"]["low"])
-    assert float(rows["invariance.checks.site-a.affine.2.scale"]) == pytest.approx(report["invariance"]["checks"]["site-a"]["affine"][2]["scale"])
+    assert float(rows["invariance.checks.site-a.affine.2.scale"]) == pytest.approx(
+        report["invariance"]["checks"]["site-a"]["affine"][2]["scale"]
+    )
 
 
 def test_html_is_well_formed_self_contained_and_names_every_site(tiny_report):
@@ -134,7 +137,12 @@ def test_html_is_well_formed_self_contained_and_names_every_site(tiny_report):
     visible = " ".join(checker.text)
     for site in ("site-a", "site-b", "site-c"):
         assert site in visible
-    for heading in ("Invariance certificate", "Where instance norm stops", "Raw intensities per site", "Example slices"):
+    for heading in (
+        "Invariance certificate",
+        "Where instance norm stops",
+        "Raw intensities per site",
+        "Example slices",
+    ):
         assert heading in visible
 
 
@@ -153,8 +161,21 @@ def test_bad_file_names_the_file_and_skips_the_site(trained_registry, tiny_data_
 
 def test_cli_reports_the_served_model_and_fails_clearly(trained_registry, tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "reports"
-    args = ["report", "--data", str(tiny_data_dir), "--registry", str(trained_registry), "--out", str(out),
-            "--k", "1", "--no-stops", "--bootstrap", "100", "--no-predictions"]
+    args = [
+        "report",
+        "--data",
+        str(tiny_data_dir),
+        "--registry",
+        str(trained_registry),
+        "--out",
+        str(out),
+        "--k",
+        "1",
+        "--no-stops",
+        "--bootstrap",
+        "100",
+        "--no-predictions",
+    ]
     assert main(args) == 0
     assert (out / "tiny-instance" / "report.html").is_file()  # the served version
     assert not (out / "tiny-instance" / "predictions").exists()
@@ -169,7 +190,12 @@ def test_history_from_a_federation_run_log(tmp_path):
     log = RunLog(tmp_path / "run.jsonl")
     log.write("start", run_name="x", sites=["a", "b"])
     log.write("round", round=1, missing=["b"], sites={"a": {"train": {"train_loss": 1.0}, "eval": {"dice_mean": 0.4}}})
-    log.write("round", round=2, missing=[], sites={"a": {"eval": {"dice_mean": 0.6}}, "b": {"eval": {"dice_mean": float("nan")}}})
+    log.write(
+        "round",
+        round=2,
+        missing=[],
+        sites={"a": {"eval": {"dice_mean": 0.6}}, "b": {"eval": {"dice_mean": float("nan")}}},
+    )
     log.write("end", status="completed")
     history = read_history(log.path)
     assert history.rounds == [1, 2]
