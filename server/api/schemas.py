@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 __all__ = ["ErrorResponse", "Health", "Ready", "ModelInfo", "ModelList", "LabelVolume", "InputSummary",
-           "Timings", "SlicePreview", "Preview", "SegmentSummary", "finite_metrics"]
+           "Timings", "SlicePreview", "Preview", "OodSummary", "SegmentSummary", "finite_metrics"]
 
 
 class ErrorResponse(BaseModel):
@@ -100,6 +100,17 @@ class Preview(BaseModel):
     segmentation_nii_gz: str = Field(description="the label map as base64 .nii.gz, as POST /v1/segment returns it")
 
 
+class OodSummary(BaseModel):
+    """How far the upload's intensity summary lies from every training site's (``shared.ood``)."""
+
+    score: float = Field(description="distance to the nearest training site, in pooled within-site standard deviations")
+    threshold: float = Field(description="scores above this get a warning (training scans lie near 1)")
+    warning: bool = Field(description="score > threshold: unlike every training scanner; the segmentation may be worse")
+    nearest_site: str
+    expected_tissue_dice: float | None = Field(
+        default=None, description="grey/white matter Dice to expect, from the fairness report's 'where instance norm stops' table")
+
+
 class SegmentSummary(BaseModel):
     model_version: str
     labels: list[LabelVolume]
@@ -108,6 +119,7 @@ class SegmentSummary(BaseModel):
     timings: Timings
     warnings: list[str] = Field(default_factory=list,
                                 description="header fields that were invalid and recovered (e.g. a broken qform replaced by the sform)")
+    ood: OodSummary | None = Field(default=None, description="out-of-distribution check; null when the model has no ood.json")
     preview: Preview | None = None
 
 

@@ -21,6 +21,7 @@ from server.api.budget import QueueFullError, WorkBudget
 from server.api.config import ApiSettings
 from server.api.deps import ModelStoreDep, SettingsDep, require_api_key
 from server.api.dicom_upload import OutputFormat, dicom_seg_response
+from server.api.ood import assess_upload, ood_headers
 from server.api.inference import (ModelLoadError, ModelNotFoundError, ModelStore, Segmentation, ServedModel, encode_segmentation,
                                   input_summary, label_volumes, preview_slices, segment_volume)
 from server.api.schemas import ErrorResponse, SegmentSummary
@@ -167,8 +168,9 @@ async def segment(request: Request, settings: SettingsDep, store: ModelStoreDep,
     accepted too; ``?format=dicom-seg`` then returns a DICOM Segmentation of it.
     """
     outcome = await _segment(request, settings, store, version, nifti=output == "nifti", preview=False)
+    ood = await run_in_threadpool(assess_upload, outcome.seg, settings)  # server/api/ood.py
     if output == "dicom-seg":  # server/api/dicom_upload.py
-        return await run_in_threadpool(dicom_seg_response, outcome.seg, _server_timing(outcome.timings))
+        return await run_in_threadpool(dicom_seg_response, outcome.seg, _server_timing(outcome.timings), ood_headers(ood))
     return Response(
         content=outcome.nifti,
         media_type="application/gzip",
@@ -177,6 +179,7 @@ async def segment(request: Request, settings: SettingsDep, store: ModelStoreDep,
             "X-Model-Version": outcome.seg.model.version,
             "Server-Timing": _server_timing(outcome.timings),
             **_warnings_header(outcome.seg),
+            **ood_headers(ood),
         },
     )
 
@@ -194,7 +197,8 @@ async def segment_summary(
     outcome = await _segment(request, settings, store, version, nifti=preview, preview=preview)
     seg = outcome.seg
     volumes = label_volumes(seg.labels, seg.meta["affine"], seg.model.label_names)
-    response.headers.update({"X-Model-Version": seg.model.version, **_warnings_header(seg)})
+    ood = await run_in_threadpool(assess_upload, seg, settings)  # server/api/ood.py
+    response.headers.update({"X-Model-Version": seg.model.version, **_warnings_header(seg), **ood_headers(ood)})
     return SegmentSummary(
         model_version=seg.model.version,
         labels=volumes,
@@ -202,5 +206,6 @@ async def segment_summary(
         input=input_summary(seg.meta),
         timings=outcome.timings,
         warnings=seg.meta.get("warnings", []),
+        ood=ood,
         preview={"slices": outcome.preview, "segmentation_nii_gz": base64.b64encode(outcome.nifti).decode("ascii")} if preview else None,
     )
