@@ -10,7 +10,7 @@ import sys
 from shared.errors import InvalidSiteError, InvalidVolumeError
 
 # name -> module under server.commands; each module defines HELP, add_arguments(parser), run(args).
-COMMANDS = ("generate", "train", "federate", "serve", "report", "ablation", "pacs")
+COMMANDS = ("generate", "train", "federate", "serve", "report", "ablation", "pacs", "ood")
 
 
 def build_parser() -> argparse.ArgumentParser:
