@@ -19,6 +19,7 @@ from shared.data import DataConfig, make_train_loader, reseed_loader, sampling_s
 from shared.errors import InvalidSiteError
 from shared.model import build_unet, norm_parameter_names, split_norm_state
 from shared.runconfig import RunConfig
+from shared.site_state import load_local_state, local_state_path, save_local_state
 from shared.training import DEFAULT_LR_SCHEDULE, evaluate, load_site, planned_steps, train_epochs
 
 app = ClientApp()
@@ -68,9 +69,19 @@ def _load(context: Context, msg: Message):
         split, loader = _site_data(str(data_dir), tuple(sorted((k, v) for k, v in vars(data_cfg).items())), cfg.seed)
     torch.manual_seed(cfg.seed)  # same initial norm layers at every site
     model = build_unet(cfg.network_config())
+    if cfg.fedbn and LOCAL_NORM_KEY not in context.state:
+        _restore_local(context, cfg, data_dir, msg)
     with _named(site):
         _apply_global(model, msg.content["arrays"].to_torch_state_dict(), context, cfg)
     return cfg, site, split, loader, model
+
+
+def _restore_local(context: Context, cfg: RunConfig, data_dir: Path, msg: Message) -> None:
+    """FedBN after a restart or ``resume``: the local layers this site saved on its own disk (shared.site_state)."""
+    round_ = int(msg.content["config"].get("global-round", msg.content["config"].get("server-round", 1)))
+    saved = load_local_state(local_state_path(data_dir, cfg.run_name, context.node_config))
+    if saved is not None and (cfg.resume or round_ > 1):
+        context.state[LOCAL_NORM_KEY] = ArrayRecord(torch_state_dict=saved[1])
 
 
 def _apply_global(model: torch.nn.Module, state: dict, context: Context, cfg: RunConfig) -> None:
@@ -102,6 +113,10 @@ def train(msg: Message, context: Context) -> Message:
     round_ = int(msg.content["config"].get("global-round", msg.content["config"].get("server-round", 1)))
     torch.manual_seed(cfg.seed * 1000 + round_)
     reseed_loader(loader, sampling_seed(cfg.seed, site, round_))  # new crops every round, in both modes
+    if cfg.augment:  # non-linear intensity augmentation (shared.augment), its own stream per round
+        from shared.augment import AugmentedLoader
+
+        loader = AugmentedLoader(loader, seed=sampling_seed(cfg.seed, site, round_) + 1)
     per_round = planned_steps(loader, cfg.local_epochs, cfg.max_steps or None)
     with _named(site):
         stats = train_epochs(
@@ -115,6 +130,8 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.fedbn:
         _, local = split_norm_state(state, norm_parameter_names(model))
         context.state[LOCAL_NORM_KEY] = ArrayRecord(torch_state_dict=local)
+        save_local_state(local_state_path(_site_of(context, cfg)[1], cfg.run_name, context.node_config),
+                         local, round_, cfg.run_name)  # on this site's disk, never sent
     fault = cfg.fault_for(site)
     if fault:
         state = _corrupt(state, fault)

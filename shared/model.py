@@ -33,6 +33,9 @@ class ModelConfig:
         in_channels: input channels (1: a single MRI contrast).
         out_channels: classes including background.
         dropout: dropout probability.
+        norm_affine: instance norm with learnable per-channel scale and offset (gamma, beta;
+            ``affine=True``). Still invariant to ``s*x + b`` (they act after the normalisation); with
+            FedBN they stay at each site: conditional instance norm, one (gamma, beta) set per site.
     """
 
     norm: str = "instance"
@@ -44,6 +47,7 @@ class ModelConfig:
     in_channels: int = 1
     out_channels: int = 4
     dropout: float = 0.0
+    norm_affine: bool = False
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
@@ -81,7 +85,8 @@ def build_unet(config: ModelConfig | None = None, **overrides) -> nn.Module:
             "instance-norm UNet with residual units or zero padding is not invariant to s*x+b",
             stacklevel=2,
         )
-    norm = {"instance": "instance", "batch": "batch", "group": ("group", {"num_groups": cfg.groups})}[cfg.norm]
+    instance = ("instance", {"affine": True}) if cfg.norm_affine else "instance"
+    norm = {"instance": instance, "batch": "batch", "group": ("group", {"num_groups": cfg.groups})}[cfg.norm]
     net = UNet(
         spatial_dims=3,
         in_channels=cfg.in_channels,

@@ -116,6 +116,9 @@ class RunConfig(BaseModel):
     # Network
     norm: Norm = _field(ModelConfig.norm, "normalisation layers of the UNet: instance, batch or group", "model")
     groups: int = _field(ModelConfig.groups, "groups for norm=group", "model", ge=1)
+    norm_affine: bool = _field(
+        ModelConfig.norm_affine, "instance norm with learnable per-channel gamma, beta (local with --fedbn)", "model"
+    )
     channels: IntList = _field(ModelConfig.channels, "UNet channels per level, e.g. 16,32,64,128", "model")
     # Preprocessing and sampling
     zscore: bool = _field(DataConfig.zscore, "z-score each input volume (ablation; IN does not need it)", "data")
@@ -126,6 +129,12 @@ class RunConfig(BaseModel):
     # Optimiser
     lr: float = _field(0.001, "client Adam learning rate", "train", gt=0)
     max_steps: int = _field(0, "cap on optimiser steps per site and round (0: whole epochs)", "train", ge=0)
+    augment: bool = _field(
+        False,
+        "non-linear intensity augmentation in local training: random gamma, smooth bias field, Gaussian noise "
+        "(MONAI RandAdjustContrastd, RandBiasFieldd, RandGaussianNoised; shared.augment)",
+        "train",
+    )
     seed: int = _field(0, "seeds model init, splits and sampling", "train", ge=0)
     # Set by the launcher
     data_dir: str = Field("", description="simulation: absolute folder of site folders")
@@ -202,7 +211,11 @@ class RunConfig(BaseModel):
 
     def network_config(self) -> ModelConfig:
         return ModelConfig(
-            norm=self.norm, channels=self.channels, strides=(2,) * (len(self.channels) - 1), groups=self.groups
+            norm=self.norm,
+            channels=self.channels,
+            strides=(2,) * (len(self.channels) - 1),
+            groups=self.groups,
+            norm_affine=self.norm_affine,
         )
 
     def data_config(self) -> DataConfig:

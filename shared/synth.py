@@ -20,13 +20,16 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from shared.labels import LABELS
 from shared.scanner import REFERENCE_RANGE, ScannerProfile, apply_scanner, smooth_upsample
 
 __all__ = [
-    "LABELS",
     "Subject",
     "SiteSpec",
     "DEMO_SITES",
+    "STUDY_SITES",
+    "SITE_PRESETS",
+    "site_factor",
     "mni_template",
     "synthesize_subject",
     "resample_to_spacing",
@@ -34,7 +37,6 @@ __all__ = [
     "generate_sites",
 ]
 
-LABELS = {0: "background", 1: "grey matter", 2: "white matter", 3: "lesion"}
 
 
 @dataclass
@@ -71,6 +73,44 @@ DEMO_SITES: tuple[SiteSpec, ...] = (
         n_test=3,
     ),
 )
+
+
+# The harmonization study (``fedmri generate --preset study``; ``fedmri ablation`` uses it): every
+# site differs from a clean reference scanner in ONE factor, so a Dice deficit can be attributed to
+# it; ``study-combined`` has all non-affine factors at once. The factor is recorded in scanner.json
+# (``extra.factor``). 12 held-out test cases per site for per-site intervals; few training cases.
+_REF_NOISE = 0.01
+
+
+def _study(name: str, factor: str, n_train: int = 4, n_test: int = 12, **profile) -> SiteSpec:
+    profile = {"noise_std": _REF_NOISE, **profile, "extra": {"factor": factor}}
+    return SiteSpec(name, ScannerProfile(**profile), n_train=n_train, n_test=n_test)
+
+
+STUDY_SITES: tuple[SiteSpec, ...] = (
+    _study("study-reference", "none"),
+    _study("study-affine-low", "affine", scale=0.2, shift=1000.0),
+    _study("study-affine-high", "affine", scale=5.0, shift=-1000.0),
+    _study("study-gamma", "gamma", gamma=0.5),
+    _study("study-bias", "bias field", bias_strength=0.4),
+    _study("study-thick", "thick slices", spacing=(1.0, 1.0, 4.0)),
+    _study("study-noise", "low SNR", noise_std=0.06),
+    _study("study-small", "small site", n_train=3),
+    _study("study-combined", "combined", gamma=0.5, bias_strength=0.4, noise_std=0.06, spacing=(1.0, 1.0, 4.0)),
+)
+
+SITE_PRESETS: dict[str, tuple[SiteSpec, ...]] = {"demo": DEMO_SITES, "study": STUDY_SITES}
+
+
+def site_factor(site_dir: str | Path) -> str | None:
+    """The study factor a site differs in (scanner.json ``extra.factor``), if it records one."""
+    path = Path(site_dir) / "scanner.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("extra", {}).get("factor")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 @lru_cache(maxsize=4)
@@ -224,7 +264,9 @@ def generate_site(
             case_seed = np.random.SeedSequence([seed, site_key, 0 if tag == "Tr" else 1, i])
             subject_seed, scanner_seed = case_seed.generate_state(2)
             subject = synthesize_subject(int(subject_seed), resolution, lesion_probability)
-            signal, label, affine = resample_to_spacing(subject.signal, subject.label, subject.affine, spec.profile.spacing)
+            signal, label, affine = resample_to_spacing(
+                subject.signal, subject.label, subject.affine, spec.profile.spacing
+            )
             image = apply_scanner(signal, spec.profile, np.random.default_rng(int(scanner_seed)))
             name = f"{prefix}_{tag.lower()}{i:03d}.nii.gz"
             _save(image, affine, site_dir / f"images{tag}" / name)

@@ -8,11 +8,21 @@ import shutil
 import time
 from pathlib import Path
 
+DEFAULT_OUT = {"demo": "data", "study": "data-study"}
 HELP = "generate demo hospital sites (Decathlon layout) from the real MNI152 template"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="data", help="folder to write one sub-folder per site into")
+    parser.add_argument(
+        "--preset",
+        choices=("demo", "study"),
+        default="demo",
+        help="demo: the demo hospitals (default); study: the harmonization study's one-factor-per-site hospitals "
+        "(what `fedmri ablation` uses)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="folder to write one sub-folder per site into (default: data, data-study)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical files")
     parser.add_argument("--full-res", action="store_true", help="1 mm volumes (default 2 mm, small enough for CPU)")
     parser.add_argument(
@@ -23,11 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shared.synth import DEMO_SITES, generate_site
+    from shared.synth import SITE_PRESETS, generate_site
 
-    out = Path(args.out)
+    preset = getattr(args, "preset", "demo")
+    out = Path(args.out or DEFAULT_OUT[preset])
     resolution = 1 if args.full_res else 2
-    for spec in DEMO_SITES:
+    for spec in SITE_PRESETS[preset]:
         spec = dataclasses.replace(
             spec,
             n_train=max(2, round(spec.n_train * args.scale_cases)),
