@@ -88,6 +88,19 @@ function showVolumes(result) {
   link.href = URL.createObjectURL(new Blob([decode(result.preview.segmentation_nii_gz)], { type: "application/gzip" }));
 }
 
+function showOod(ood) {
+  // Out-of-distribution check (shared/ood.py): a warning when the scan is unlike every training site.
+  const box = $("ood");
+  box.hidden = !ood;
+  if (!ood) return;
+  const expected = ood.expected_tissue_dice == null ? "" : `; expected grey/white matter Dice ${ood.expected_tissue_dice.toFixed(2)}`;
+  box.className = ood.warning ? "warning" : "ok";
+  box.textContent = ood.warning
+    ? `Warning: this scan's intensities are unlike every training site (score ${ood.score.toFixed(2)} > ${ood.threshold.toFixed(2)}, ` +
+      `nearest ${ood.nearest_site}${expected}). The segmentation may be worse than usual.`
+    : `Intensities like the training sites' (score ${ood.score.toFixed(2)} ≤ ${ood.threshold.toFixed(2)}, nearest ${ood.nearest_site}${expected}).`;
+}
+
 async function loadModels() {
   try {
     const response = await fetch("/v1/models", { headers: apiHeaders() });
@@ -107,7 +120,7 @@ async function loadModels() {
 async function segment(event) {
   event.preventDefault();
   const file = $("file").files[0];
-  if (!file) return setStatus("Choose a .nii or .nii.gz file first.", true);
+  if (!file) return setStatus("Choose a .nii or .nii.gz file, or a DICOM series as .zip, first.", true);
   const form = new FormData();
   form.append("file", file);
   const params = new URLSearchParams({ preview: "true" });
@@ -121,6 +134,7 @@ async function segment(event) {
     if (!response.ok) throw new Error(`${response.status}: ${result.detail}`);
     result.preview.slices.forEach(drawSlice);
     showVolumes(result);
+    showOod(result.ood);
     $("result").hidden = false;
     setStatus("Done.");
     document.body.dataset.state = "done";
