@@ -31,6 +31,8 @@ __all__ = [
     "read_meta",
     "data_config_from_meta",
     "last_checkpoint",
+    "save_server_state",
+    "load_server_state",
     "resume_point",
 ]
 
@@ -146,3 +148,20 @@ def resume_point(registry: str | Path, run_name: str, resume: bool) -> tuple[int
             "resume it (run config resume=true, fedmri federate --resume) or choose another run name"
         )
     return previous
+
+
+SERVER_STATE = "server_state.pt"
+
+
+def save_server_state(registry: str | Path, version: str, arrays: dict) -> None:
+    """The server optimiser's state (FedAdam's moments) beside a checkpoint, so a resume continues it."""
+    state = {k: torch.as_tensor(v) for k, v in arrays.items()}
+    _atomic_write_bytes(Path(registry) / _check_version(version) / SERVER_STATE, lambda p: torch.save(state, p))
+
+
+def load_server_state(registry: str | Path, version: str) -> dict:
+    """What ``save_server_state`` stored for ``version`` as numpy arrays; empty if nothing was stored."""
+    path = Path(registry) / _check_version(version) / SERVER_STATE
+    if not path.is_file():
+        return {}
+    return {k: v.numpy() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}

@@ -144,6 +144,9 @@ class RunConfig(BaseModel):
         "", description="registry prefix and run folder name", pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]{0,100})?$"
     )
     resume: bool = Field(False, description="continue the run from its last checkpoint")
+    site_identities: str = Field(
+        "", description="absolute JSON file mapping node id -> site name, written by the launcher from the "
+        "registered SuperNode keys; replies that contradict it are refused")
 
     @field_validator("*", mode="before")
     @classmethod
@@ -153,7 +156,7 @@ class RunConfig(BaseModel):
             raise ValueError(f"expected a number, got {value!r}")
         return value
 
-    @field_validator("data_dir", "out_dir")
+    @field_validator("data_dir", "out_dir", "site_identities")
     @classmethod
     def _absolute(cls, value: str) -> str:
         if value and not Path(value).is_absolute():

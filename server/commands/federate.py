@@ -96,7 +96,9 @@ def print_record(record: dict) -> None:
                 f"WM {_fmt(ev.get('dice_2'))} lesion {_fmt(ev.get('dice_3'))} mean {_fmt(ev.get('dice_mean'))}",
                 flush=True,
             )
-        for key, what in (("failed", "failed"), ("rejected", "update rejected"), ("no_reply", "no reply")):
+        problems = (("failed", "failed"), ("rejected", "update rejected"), ("refused", "reply refused"),
+                    ("no_reply", "no reply"))
+        for key, what in problems:
             for item in record.get(key, []):
                 reason = f": {item['reason']}" if item.get("reason") else ""
                 print(f"  ! {item['site']} {what} ({item['phase']}){reason}", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -12,11 +13,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
+from server.federation.polling import DEFAULT_POLL_INTERVAL
+from server.federation.strategy import build_strategy, resolve_eval_with_train
 from shared.model import build_unet, norm_parameter_names, split_norm_state
+from shared.registry import load_server_state, mark_served, resume_point, save_model, save_server_state
 from shared.runconfig import RunConfig
-from shared.registry import mark_served, resume_point, save_model
 from shared.runlog import RUN_LOG_NAME, RunLog, default_run_name, run_dir_for
-from server.federation.strategy import build_strategy
 
 __all__ = ["run_rounds"]
 
@@ -32,6 +34,16 @@ def _complete_state(arrays: ArrayRecord, norm_state: ArrayRecord | None, referen
     return {k: state[k].to(reference[k].dtype) if k in state else reference[k] for k in reference}
 
 
+def read_identities(path: str) -> dict[int, str]:
+    """Run config ``site-identities``: node id -> site, as the launcher wrote it when registering keys."""
+    if not path:
+        return {}
+    try:
+        return {int(node): str(site) for node, site in json.loads(Path(path).read_text()).items()}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"run config 'site-identities': cannot read {path}: {exc}") from None
+
+
 def run_rounds(grid: Grid, run_config: Mapping) -> str:
     """Run (or resume) the federation described by ``run_config``; returns the served version."""
     cfg = RunConfig.from_run_config(run_config)
@@ -45,11 +57,12 @@ def run_rounds(grid: Grid, run_config: Mapping) -> str:
     torch.manual_seed(cfg.seed)  # the clients build the same initial norm layers from this seed
     reference = build_unet(mcfg).state_dict()
     norm_keys = norm_parameter_names(build_unet(mcfg))
-    state, start_round = reference, 0
+    state, start_round, server_state = reference, 0, {}
     previous = resume_point(registry, run_name, cfg.resume)
     if previous:
         start_round, version = previous
         state = torch.load(registry / version / "model.pt", map_location="cpu", weights_only=True)
+        server_state = load_server_state(registry, version)
         log.info("resuming run %s from checkpoint %s", run_name, version)
     if start_round >= cfg.num_server_rounds:
         version = f"{run_name}-r{start_round}"
@@ -66,13 +79,28 @@ def run_rounds(grid: Grid, run_config: Mapping) -> str:
         expected_sites=cfg.sites,
         round_offset=start_round,
         norm_state=ArrayRecord(torch_state_dict=norm) if norm else None,
+        eval_with_train=resolve_eval_with_train(
+            getattr(cfg, "eval_with_train", run_config.get("eval-with-train", "auto")), grid),
+        poll_interval=float(getattr(cfg, "poll_interval", run_config.get("poll-interval", DEFAULT_POLL_INTERVAL))),
+        identities=read_identities(cfg.site_identities),
     )
+    restored = strategy.load_optimizer_state(server_state)
+    if restored:
+        log.info("restored the server optimiser's %s from %s-r%d", ", ".join(restored), run_name, start_round)
     _await_sites(grid, len(cfg.sites), grace=min(cfg.round_timeout, 120.0))
     runlog.write("start", run_name=run_name, strategy=cfg.strategy, fedbn=cfg.fedbn, norm=cfg.norm,
                  sites=list(cfg.sites), start_round=start_round + 1, num_rounds=cfg.num_server_rounds,
-                 resumed_from=f"{run_name}-r{start_round}" if start_round else None, config=cfg.to_run_config())
+                 resumed_from=f"{run_name}-r{start_round}" if start_round else None, restored=restored,
+                 config=cfg.to_run_config())
     updated_rounds: list[int] = []
     clock = {"start": time.perf_counter()}
+    last: dict = {}  # the previous round's checkpoint and record; eval-with-train completes them a round later
+
+    def write_round(entry: dict) -> None:
+        save_model(registry, entry["version"], entry["state"], mcfg, dcfg, **entry["meta"])
+        if entry["server_state"]:
+            save_server_state(registry, entry["version"], entry["server_state"])
+        runlog.write("round", **entry["log"])
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Strategy hook after every round: log each site, checkpoint the global model."""
@@ -81,6 +109,13 @@ def run_rounds(grid: Grid, run_config: Mapping) -> str:
             return None
         rnd = strategy.global_round(server_round)
         cur = strategy.current
+        late = strategy.pop_early_eval()
+        if late and last.get("log", {}).get("round") == rnd - 1:  # this round's train replies evaluated that model
+            for name, metrics in late["sites"].items():
+                last["log"]["sites"].setdefault(name, {"node_id": cur["nodes"].get(name)})["eval"] = metrics
+            last["log"]["aggregated"]["eval"] = late["aggregated"]
+            last["log"]["eval_late"] = True  # the same round again, now with its evaluation (latest record wins)
+            write_round(last)
         full = _complete_state(arrays, strategy.norm_state, reference)
         finite = all(bool(torch.isfinite(v).all()) for v in full.values() if v.is_floating_point())
         participants = cur.get("participants", [])
@@ -92,14 +127,18 @@ def run_rounds(grid: Grid, run_config: Mapping) -> str:
         sites = {name: {"node_id": cur["nodes"].get(name), **info} for name, info in sorted(cur["sites"].items())}
         version = f"{run_name}-r{rnd}"
         seconds = time.perf_counter() - clock["start"]
-        save_model(registry, version, full, mcfg, dcfg, round=rnd, strategy=cfg.strategy, fedbn=cfg.fedbn, norm=cfg.norm,
-                   sites=participants, missing_sites=missing, metrics=sites, aggregated=cur["aggregated"],
-                   config=cfg.to_run_config(), run_name=run_name, kind="federated",
-                   time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), updated=updated)
-        runlog.write("round", run_name=run_name, round=rnd, seconds=round(seconds, 3), participants=participants,
-                     missing=missing, sites=sites, failed=cur["failed"], rejected=cur["rejected"],
-                     no_reply=cur["missing"], aggregated=cur["aggregated"], updated=updated,
-                     global_finite=finite, checkpoint=version)
+        entry = {"version": version, "state": full, "server_state": strategy.optimizer_state(), "meta": dict(
+            round=rnd, strategy=cfg.strategy, fedbn=cfg.fedbn, norm=cfg.norm,
+            sites=participants, missing_sites=missing, metrics=sites, aggregated=cur["aggregated"],
+            config=cfg.to_run_config(), run_name=run_name, kind="federated",
+            time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), updated=updated), "log": dict(
+            run_name=run_name, round=rnd, seconds=round(seconds, 3), participants=participants,
+            missing=missing, sites=sites, failed=cur["failed"], rejected=cur["rejected"], refused=cur["refused"],
+            no_reply=cur["missing"], aggregated=cur["aggregated"], updated=updated,
+            global_finite=finite, checkpoint=version)}
+        write_round(entry)
+        last.clear()
+        last.update(entry)
         summary = "  ".join(
             f"{name}: loss {_fmt(info.get('train', {}).get('train_loss'))} dice {_fmt(info.get('eval', {}).get('dice_mean'))}"
             for name, info in sites.items())

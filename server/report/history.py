@@ -1,8 +1,8 @@
 """Per-site Dice over rounds, read from a federation run log (``run.jsonl``).
 
-The log format belongs to ``server.federation`` (see its module docstring); this module only
-reads each ``"round"`` record's ``sites[<site>]["eval"]["dice_mean"]`` through the
-federation's own reader, and where to find the log of a registered model.
+The log format is ``shared.runlog``'s; this module only reads each ``"round"`` record's
+``sites[<site>]["eval"]["dice_mean"]``, the missing sites and the refused replies through its
+reader, and where to find the log of a registered model.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ __all__ = ["RoundHistory", "read_history", "find_run_log"]
 class RoundHistory:
     """``sites[site][i]`` is that site's held-out Dice after ``rounds[i]`` (NaN: no evaluation reply).
 
-    ``missing[i]`` lists the sites whose update was not aggregated in ``rounds[i]``.
+    ``missing[i]`` lists the sites whose update was not aggregated in ``rounds[i]``; ``refused[i]``
+    the replies refused there because the node's site name could not be believed.
     """
 
     rounds: list[int] = field(default_factory=list)
     sites: dict[str, list[float]] = field(default_factory=dict)
     missing: list[list[str]] = field(default_factory=list)
+    refused: list[list[dict]] = field(default_factory=list)
     source: str = ""
 
     def to_dict(self) -> dict:
@@ -49,6 +51,7 @@ def read_history(path: str | Path) -> RoundHistory:
         rounds=[int(r["round"]) for r in records],
         sites={s: [_dice(r["sites"].get(s)) for r in records] for s in names},
         missing=[list(r.get("missing") or []) for r in records],
+        refused=[list(r.get("refused") or []) for r in records],
         source=str(path),
     )
 
@@ -58,8 +61,7 @@ def find_run_log(meta: dict, registry: str | Path | None = None) -> Path | None:
     run_name = meta.get("run_name")
     if not run_name or registry is None:
         return None
-    from server.federation.rounds import run_dir_for
-    from shared.runlog import RUN_LOG_NAME
+    from shared.runlog import RUN_LOG_NAME, run_dir_for
 
     path = run_dir_for(Path(registry).parent, str(run_name)) / RUN_LOG_NAME
     return path if path.is_file() else None

@@ -144,3 +144,56 @@ def test_check_update_accepts_a_clean_state():
     assert "NaN or Inf" in check_update(
         ArrayRecord(torch_state_dict={k: torch.from_numpy(v) for k, v in arr.items()}), shapes
     )
+
+
+def test_a_site_name_two_nodes_report_in_one_round_is_believed_once():
+    strategy, state, _ = _setup()
+    replies = [_reply(1, "a", _shifted(state, 1.0)), _reply(2, "a", _shifted(state, 5.0)), _reply(3, "b", state)]
+    strategy.aggregate_train(1, replies)
+    assert strategy.current["participants"] == ["a", "b"]
+    assert [(r["site"], r["node_id"]) for r in strategy.current["refused"]] == [("a", 2)]
+    assert "already reported this round by node 1" in strategy.current["refused"][0]["reason"]
+
+
+def test_with_registered_keys_a_node_cannot_pose_as_another_site(caplog):
+    config = RunConfig.from_run_config({"channels": "4,8", "min-sites": 1})
+    _, state, norm_keys = _setup()
+    strategy = build_strategy(
+        config,
+        expected_shapes={k: tuple(v.shape) for k, v in state.items()},
+        norm_keys=norm_keys,
+        fedbn=False,
+        identities={1: "a", 2: "b"},
+    )
+    replies = [_reply(1, "a", state), _reply(2, "a", state), _reply(3, "c", state)]
+    with caplog.at_level("WARNING", logger="fedmri.federation"):
+        strategy.aggregate_train(1, replies)
+    refused = {r["node_id"]: r["reason"] for r in strategy.current["refused"]}
+    assert "reports site 'a' but its key is registered to 'b'" in refused[2]
+    assert "node 3 is not registered to any site" in refused[3]
+    assert strategy.current["participants"] == ["a"]
+    assert "refused the reply of node 2" in caplog.text
+
+
+def test_fedadam_moments_survive_a_resume_exactly():
+    """A strategy rebuilt from a checkpoint (moments + round offset) aggregates round k as the original does."""
+    strategy, state, _ = _setup(strategy="fedadam")
+    arrays = ArrayRecord(torch_state_dict=state)
+
+    def one_round(strat, server_round, start: dict, delta: float):
+        strat.current_arrays = {k: v.numpy() for k, v in ArrayRecord(torch_state_dict=start).items()}
+        merged, _ = strat.aggregate_train(server_round, [_reply(1, "a", _shifted(start, delta)),
+                                                         _reply(2, "b", _shifted(start, delta))])
+        return merged.to_torch_state_dict()
+
+    after_1 = one_round(strategy, 1, arrays.to_torch_state_dict(), 0.5)
+    saved = {k: v.copy() for k, v in strategy.optimizer_state().items()}
+    assert {k.split("/")[0] for k in saved} == {"m_t", "v_t"}
+    after_2 = one_round(strategy, 2, after_1, -0.25)
+
+    resumed, _, _ = _setup(strategy="fedadam")
+    resumed.round_offset = 1
+    assert resumed.load_optimizer_state(saved) == ["m_t", "v_t"]
+    again_2 = one_round(resumed, 1, after_1, -0.25)  # its first round is global round 2
+    for key in after_2:
+        torch.testing.assert_close(again_2[key], after_2[key])

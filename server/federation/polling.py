@@ -1,0 +1,59 @@
+"""A Grid that waits for replies with a short poll, and remembers when each message left and each reply came.
+
+Flower 1.41's deployment ``Grid.send_and_receive`` pushes the messages, then pulls replies and
+sleeps 3 s between pulls, so every message costs the ServerApp up to 3 s after the last reply is
+in. :class:`PollingGrid` wraps any Grid (deployment or simulation) and does the same
+push-then-pull with a configurable interval; everything else is passed through. The send and
+arrival times feed the per-message breakdown (``bench/bench_native.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message
+
+__all__ = ["PollingGrid", "DEFAULT_POLL_INTERVAL"]
+
+DEFAULT_POLL_INTERVAL = 0.2  # seconds between reply pulls; one small request to the SuperLink each
+
+
+class PollingGrid:
+    """``grid`` with a ``send_and_receive`` that pulls replies every ``interval`` seconds.
+
+    ``sent_at[message_id]`` and ``arrived_at[message_id]`` (keyed by the *sent* message's id) hold
+    wall-clock times of the push's start and of each reply's arrival.
+    """
+
+    def __init__(self, grid, interval: float = DEFAULT_POLL_INTERVAL) -> None:
+        if interval <= 0:
+            raise ValueError(f"poll interval must be positive, got {interval}")
+        self._grid = grid
+        self.interval = float(interval)
+        self.sent_at: dict[str, float] = {}
+        self.arrived_at: dict[str, float] = {}
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if not messages:  # a round without this phase (e.g. evaluation sent with training)
+            return []
+        pushed = time.time()  # a SuperNode may pull the first message before the push of the last returns
+        pending = set(self._grid.push_messages(messages))
+        self.sent_at.update(dict.fromkeys(pending, pushed))
+        end = time.monotonic() + (timeout if timeout is not None else 0.0)
+        replies: list[Message] = []
+        while pending:
+            got = list(self._grid.pull_messages(pending))
+            now = time.time()
+            for msg in got:
+                self.arrived_at[msg.metadata.reply_to_message_id] = now
+                pending.discard(msg.metadata.reply_to_message_id)
+            replies.extend(got)
+            if not pending or (timeout is not None and time.monotonic() >= end):
+                break
+            time.sleep(self.interval)
+        return replies
