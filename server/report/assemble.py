@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -148,6 +149,29 @@ def _invariance(evaluations: Sequence[SiteEvaluation], options: ReportOptions) -
     }
 
 
+def factor_sites(rows: Sequence[dict], data_dir: str | Path) -> list[dict]:
+    """The study's one-factor sites (scanner.json ``extra.factor``): each one's Dice and its cost against the
+    reference site (factor ``none``), i.e. how much Dice that single scanner factor costs this model."""
+    from shared.synth import site_factor
+
+    if not data_dir:
+        return []
+    factors = {r["site"]: site_factor(Path(data_dir) / r["site"]) for r in rows}
+    ref = next((r for r in rows if factors[r["site"]] == "none"), None)
+    if ref is None:
+        return []
+    out = []
+    for r in rows:
+        if factors[r["site"]] and r is not ref:
+            dice, tissue = r["dice"]["mean"]["mean"], r["dice"]["tissue"]["mean"]
+            out.append({
+                "site": r["site"], "factor": factors[r["site"]], "reference": ref["site"], "dice": dice,
+                "tissue": tissue, "dice_cost": ref["dice"]["mean"]["mean"] - dice,
+                "tissue_cost": ref["dice"]["tissue"]["mean"] - tissue,
+            })
+    return out
+
+
 def assemble_report(
     evaluations: Sequence[SiteEvaluation],
     skipped: Sequence[dict],
@@ -174,6 +198,7 @@ def assemble_report(
     invariance = _invariance(evaluations, options)
     for row in rows:
         row["invariance"] = invariance["sites"][row["site"]]
+    invariance["factor_sites"] = factor_sites(rows, data_dir)
     histograms = _histograms(evaluations)
     report = {
         "title": f"Per-site fairness report: model {model.get('version', '?')}",

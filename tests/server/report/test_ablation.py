@@ -15,12 +15,15 @@ import pytest
 
 from server.cli import main
 from server.experiments.ablation import VARIANTS, AblationConfig
+from server.report.ablation import README_BEGIN, README_END
 from server.report.build import ReportOptions, generate_report
 
 
 @pytest.mark.slow
 def test_ablation_end_to_end(tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "ablation"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{README_BEGIN}\nold numbers\n{README_END}\n\nrest\n")
     args = [
         "ablation",
         "--data",
@@ -43,6 +46,12 @@ def test_ablation_end_to_end(tiny_data_dir, tmp_path, capsys):
         "2",
         "--threshold",
         "0.3",
+        "--seeds",
+        "0,1",
+        "--publish",
+        str(tmp_path / "published"),
+        "--readme",
+        str(readme),
     ]
     assert main(args) == 0
     assert "ablation.html" in capsys.readouterr().out
@@ -64,7 +73,7 @@ def test_ablation_end_to_end(tiny_data_dir, tmp_path, capsys):
     # Instance-norm models are invariant to scanner affine maps (IN vs BN: test_invariance.py).
     assert variants["fed-in"]["invariance_min"] >= 0.999 and variants["pooled-in"]["invariance_min"] >= 0.999
     assert variants["fed-in"]["sites"]["site-a"]["n_cases"] == 1
-    assert variants["fed-in"]["version"].startswith("ablation-fed-in")
+    assert variants["fed-in"]["version"].startswith("ablation-fed-in-s0")
     assert variants["fed-in"]["history"]["rounds"] == [1]
     assert sorted(variants["fed-in"]["fed_val_last_round"]) == sites
 
@@ -72,12 +81,24 @@ def test_ablation_end_to_end(tiny_data_dir, tmp_path, capsys):
     matrix = results["cross_site"]
     assert sorted(matrix) == sites and all(sorted(row) == sites for row in matrix.values())
     for s in sites:
-        assert variants["local-in"]["sites"][s]["dice"] == pytest.approx(matrix[s][s])
+        assert variants["local-in"]["seeds"]["0"][s]["dice"] == pytest.approx(matrix[s][s])
+    # Seeds: each row holds every seed's per-case Dice; the site value is the mean over seeds.
+    for s in sites:
+        per_seed = [variants["fed-in"]["seeds"][k][s]["dice"] for k in ("0", "1")]
+        assert variants["fed-in"]["sites"][s]["dice"] == pytest.approx(np.mean(per_seed))
+        assert variants["fed-in"]["sites"][s]["sd"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert results["cross_site_federated"] == {s: variants["fed-in"]["seeds"]["0"][s]["dice"] for s in sites}
+    # Paired comparisons at every site, and one generated sentence per (site, comparison).
+    assert sorted(results["comparisons"]) == sites
+    assert set(results["comparisons"]["site-a"]) == {"IN − pooled", "IN − local-only"}
+    assert len(results["claims"]) == 6 and all("federated IN" in c for c in results["claims"])
+    for c in results["claims"]:
+        assert ("better" in c or "worse" in c) != ("no detectable difference" in c)
 
     with (out / "ablation.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    fed_in_b = next(r for r in rows if r["variant"] == "fed-in" and r["site"] == "site-b")
-    assert float(fed_in_b["dice"]) == pytest.approx(variants["fed-in"]["sites"]["site-b"]["dice"])
+    fed_in_b = next(r for r in rows if r["variant"] == "fed-in" and r["site"] == "site-b" and r["seed"] == "1")
+    assert float(fed_in_b["dice"]) == pytest.approx(variants["fed-in"]["seeds"]["1"]["site-b"]["dice"])
     assert len([r for r in rows if r["variant"].startswith("local-in[")]) == 9
 
     page = (out / "ablation.html").read_text()
@@ -92,7 +113,11 @@ def test_ablation_end_to_end(tiny_data_dir, tmp_path, capsys):
     for title in ("federated IN (FedAvg)", "pooled centralized IN", "local-only IN", *sites):
         assert title in page
     md = (out / "ablation.md").read_text()
-    assert "| federated IN (FedAvg) |" in md and "trained on" in md
+    assert "| federated IN (FedAvg) |" in md and "trained on" in md and "95% CI" in md
+    published = (tmp_path / "published" / "ablation.md").read_text()
+    assert published == md and (tmp_path / "published" / "ablation.json").is_file()
+    text = readme.read_text()
+    assert "old numbers" not in text and md.strip() in text and text.endswith("rest\n")
 
     # The fairness report of the federated model finds its run log and plots the rounds.
     report = generate_report(
