@@ -7,8 +7,23 @@ source scripts/bootstrap.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
 fedmri generate --out data                                   # 4 hospitals, MNI152-based, 2 mm
-fedmri federate --mode simulation --data data --out runs \
-  --rounds 15 --local-epochs 2 --lr 0.003                    # Flower simulation (~3 min on 2 cores) -> runs/registry, served
+# The recipe (README "The demo recipe"): 8 rounds x exactly 28 optimiser steps per site (local-epochs is
+# only an upper bound), poly LR decay over all rounds, 48^3 crops x 4 per volume with lesion-centred crops
+# oversampled, Dice + lesion-weighted cross-entropy (the last three are defaults in shared/).
+run="demo-$(date -u +%Y%m%d-%H%M%S)"
+fedmri federate --mode simulation --data data --out runs --run-name "$run" \
+  --rounds 8 --local-epochs 40 --max-steps 28 --lr 0.003 \
+  --roi-size 48,48,48 --samples-per-volume 4                 # Flower simulation -> runs/registry
+# Serve the round with the best federated validation Dice (held-out training cases, never imagesTs/).
+python - "$run" <<'PY'
+import sys
+from shared.registry import mark_served
+from shared.training import select_checkpoint
+version = select_checkpoint("runs/registry", sys.argv[1])
+if version:
+    mark_served("runs/registry", version)
+    print(f"serving {version} (best validation Dice of run {sys.argv[1]})")
+PY
 fedmri report --data data --registry runs/registry --out runs/reports
 echo "Report: $PWD/runs/reports/<model version>/report.html"
 exec fedmri serve --host 127.0.0.1 --port "${FEDMRI_PORT:-8080}" --registry runs/registry

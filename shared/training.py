@@ -46,10 +46,33 @@ def load_site(site_dir: str | Path, cfg: DataConfig, seed: int = 0, with_test: b
     return SiteSplit(Path(site_dir).name, train, val, test)
 
 
-def _loss():
-    from monai.losses import DiceCELoss
+DEFAULT_CLASS_WEIGHTS = (1.0, 1.0, 1.0, 10.0)  # cross-entropy weight of background, GM, WM, lesion
 
-    return DiceCELoss(to_onehot_y=True, softmax=True)
+
+class _DiceCE(torch.nn.Module):
+    """Batch Dice + class-weighted cross-entropy, both on softmax logits (nnU-Net's loss, MONAI parts).
+
+    Batch Dice computes each class's Dice over the whole batch, so a crop without a lesion does
+    not score every faint lesion probability as a Dice of 0. Dice's gradient on a class's logit
+    carries the factor ``p(1-p)`` and vanishes once the net says "never lesion" (lesions are
+    ~0.1 % of a crop's voxels); cross-entropy's does not, so the lesion's cross-entropy term gets
+    ``class_weights[3]``. Dice stays unweighted so tissue keeps its share of the gradient.
+    """
+
+    def __init__(self, class_weights=DEFAULT_CLASS_WEIGHTS) -> None:
+        super().__init__()
+        from monai.losses import DiceLoss
+
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True, batch=True)
+        weight = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.ce = torch.nn.CrossEntropyLoss(weight=weight)
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.dice(logits, label) + self.ce(logits, label[:, 0].long())
+
+
+def _loss(class_weights=DEFAULT_CLASS_WEIGHTS) -> torch.nn.Module:
+    return _DiceCE(class_weights)
 
 
 LR_SCHEDULES = ("constant", "poly", "cosine")
@@ -93,12 +116,14 @@ def train_epochs(
     lr_schedule: str = "constant",
     step_offset: int = 0,
     total_steps: int | None = None,
+    class_weights=DEFAULT_CLASS_WEIGHTS,
 ) -> dict[str, float]:
     """Train in place for ``epochs`` passes over ``loader``, at most ``max_steps`` optimiser steps.
 
     ``proximal_mu > 0`` adds FedProx's ``mu/2 * ||w - w_global||^2`` against the weights the
     model had on entry. ``lr_schedule`` (:func:`scheduled_lr`) sets the learning rate of step
     ``step_offset + i`` of ``total_steps`` before each step (round-aware in a federation).
+    ``class_weights`` (background, GM, WM, lesion) weight the loss terms (:func:`_loss`).
     Returns ``{"train_loss", "first_loss", "steps", "seconds", "lr_first", "lr_last",
     "crop_fingerprint"}``; ``train_loss`` is the mean over the last epoch, ``crop_fingerprint``
     a number identifying the first batch's crops (equal crops, equal number).
@@ -108,7 +133,7 @@ def train_epochs(
     if max_steps is not None and max_steps < 1:
         max_steps = None
     model.to(device).train()
-    loss_fn = _loss()
+    loss_fn = _loss(class_weights)
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     steps, first_loss, epoch_losses, start = 0, float("nan"), [], time.perf_counter()
@@ -275,6 +300,7 @@ def train_on_sites(
     seed: int = 0,
     on_epoch=None,
     lr_schedule: str = "constant",
+    device: str | torch.device = "cpu",
 ) -> list[dict]:
     """Centralised training on the pooled training cases of ``sites`` (one site: local-only).
 
@@ -288,9 +314,38 @@ def train_on_sites(
     history = []
     for epoch in range(1, epochs + 1):
         stats = train_epochs(model, loader, epochs=1, lr=lr, optimizer=optimizer, lr_schedule=lr_schedule,
+                             device=device,
                              step_offset=(epoch - 1) * len(loader), total_steps=epochs * len(loader))
         stats["epoch"] = epoch
         history.append(stats)
         if on_epoch is not None:
             on_epoch(epoch, stats)
     return history
+
+
+def validation_score(meta: dict) -> float:
+    """A checkpoint's federated validation score: the mean over sites of each site's mean Dice.
+
+    Only the sites' validation cases (held out of ``imagesTr``, never ``imagesTs``) enter it,
+    from the per-site ``eval`` metrics the federation records in the checkpoint's metadata.
+    """
+    scores = [info.get("eval", {}).get("dice_mean", float("nan")) for info in meta.get("metrics", {}).values()]
+    return nanmean(v if isinstance(v, (int, float)) and v is not None else float("nan") for v in scores)
+
+
+def select_checkpoint(registry: str | Path, run_name: str) -> str | None:
+    """The run's ``<run-name>-r<k>`` checkpoint with the best :func:`validation_score` (later round on ties).
+
+    Checkpoint selection never looks at test cases; ``None`` when the run has no scored checkpoint.
+    """
+    from shared.registry import list_models
+
+    best: tuple[float, int, str] | None = None
+    for meta in list_models(registry):
+        if meta.get("run_name") != run_name or not str(meta.get("version", "")).startswith(f"{run_name}-r"):
+            continue
+        score = validation_score(meta)
+        if math.isfinite(score):
+            key = (round(score, 6), int(meta.get("round", 0)), meta["version"])
+            best = key if best is None or key > best else best
+    return best[2] if best else None

@@ -123,7 +123,10 @@ def test_split_is_deterministic_and_disjoint():
 
 
 @pytest.mark.parametrize("kwargs,match", [({"roi_size": (4, 4, 4)}, "roi_size"), ({"spacing": (0, 1, 1)}, "spacing"),
-                                          ({"val_fraction": 1.0}, "val_fraction"), ({"batch_size": 0}, "batch_size")])
+                                          ({"val_fraction": 1.0}, "val_fraction"), ({"batch_size": 0}, "batch_size"),
+                                          ({"crop_ratios": (1, 1, 1)}, "crop_ratios"),
+                                          ({"crop_ratios": (0, 0, 0, 0)}, "crop_ratios"),
+                                          ({"gamma_prob": 1.5}, "gamma_prob")])
 def test_ill_data_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DataConfig(**kwargs)
@@ -184,3 +187,18 @@ def test_fresh_processes_draw_new_crops_each_round_and_repeat_on_rerun(tiny_data
     round1, round2, rerun = crops(1), crops(2), crops(1)
     assert round1 != round2
     assert rerun == round1
+
+
+def test_gamma_augmentation_commutes_with_the_scanner_affine():
+    """The random gamma curve is range-preserving, so it cannot undo what instance norm removes."""
+    from monai.transforms import RandAdjustContrastd
+
+    rng = np.random.default_rng(3)
+    x = torch.as_tensor(rng.uniform(10, 500, (1, 12, 12, 12)).astype(np.float32))
+    outs = []
+    for s, b in ((1.0, 0.0), (4.0, -300.0)):
+        aug = RandAdjustContrastd(keys="image", prob=1.0, gamma=(0.7, 1.5))
+        aug.set_random_state(seed=7)
+        outs.append((aug({"image": s * x + b})["image"] - b) / s)
+    assert not torch.allclose(outs[0], x, rtol=1e-3)  # it did change the contrast
+    assert torch.allclose(outs[0], outs[1], rtol=1e-3, atol=1e-2)

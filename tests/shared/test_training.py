@@ -160,3 +160,37 @@ def test_evaluation_reports_lesion_detection(trained):
     assert all("lesion" in c for c in result.per_case)
     flat = result.flat()
     assert {"lesion_precision", "lesion_recall", "lesion_f1"} <= set(flat)
+
+
+def test_checkpoint_selection_uses_validation_scores_only(tmp_path, trained):
+    from shared.training import select_checkpoint
+
+    model, _, _, dcfg, mcfg = trained
+    registry = tmp_path / "registry"
+    val = {1: 0.6, 2: 0.8, 3: 0.7}
+    for rnd, score in val.items():
+        metrics = {"a": {"eval": {"dice_mean": score}}, "b": {"eval": {"dice_mean": score - 0.1}}}
+        save_model(registry, f"run-r{rnd}", model.state_dict(), mcfg, dcfg, round=rnd, run_name="run", metrics=metrics,
+                   test_dice=1.0 - score)  # a test score that would pick round 1: must be ignored
+    save_model(registry, "other-r1", model.state_dict(), mcfg, dcfg, round=1, run_name="other",
+               metrics={"a": {"eval": {"dice_mean": 0.99}}})
+    assert select_checkpoint(registry, "run") == "run-r2"
+    assert select_checkpoint(registry, "missing") is None
+
+
+def test_lesion_weighted_cross_entropy_pushes_a_suppressed_lesion_harder():
+    """Dice's gradient vanishes once p(lesion) ~ 0; the weighted cross-entropy term keeps pushing."""
+    from shared.training import _loss
+
+    label = torch.zeros(1, 1, 8, 8, 8, dtype=torch.long)
+    label[0, 0, :4] = 1
+    label[0, 0, 4:] = 2
+    label[0, 0, 3:5, 3:5, 3:5] = 3
+    logits = torch.zeros(1, 4, 8, 8, 8)
+    logits[:, 3] = -8.0  # the net has learnt "never lesion"
+    grads = {}
+    for name, weights in (("plain", (1.0, 1.0, 1.0, 1.0)), ("weighted", (1.0, 1.0, 1.0, 10.0))):
+        x = logits.clone().requires_grad_(True)
+        _loss(weights)(x, label).backward()
+        grads[name] = -float(x.grad[0, 3][label[0, 0] == 3].mean())
+    assert grads["plain"] > 0 and grads["weighted"] > 3 * grads["plain"]
