@@ -22,6 +22,7 @@ from shared.runconfig import RunConfig
 from shared.site_state import load_local_state, local_state_path, save_local_state
 from shared.training import DEFAULT_LR_SCHEDULE, evaluate, load_site, planned_steps, train_epochs
 
+from shared.inferer import resolve_device
 app = ClientApp()
 
 LOCAL_NORM_KEY = "fedbn-local-norm"
@@ -120,7 +121,7 @@ def train(msg: Message, context: Context) -> Message:
     per_round = planned_steps(loader, cfg.local_epochs, cfg.max_steps or None)
     with _named(site):
         stats = train_epochs(
-            model, loader, epochs=cfg.local_epochs, lr=cfg.lr,
+            model, loader, epochs=cfg.local_epochs, lr=cfg.lr, device=resolve_device(cfg.device),
             proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
             max_steps=cfg.max_steps or None,
             lr_schedule=getattr(cfg, "lr_schedule", DEFAULT_LR_SCHEDULE),  # decays over all rounds

@@ -136,6 +136,10 @@ class RunConfig(BaseModel):
         "train",
     )
     seed: int = _field(0, "seeds model init, splits and sampling", "train", ge=0)
+    device: str = _field(
+        "auto", "where the network trains and predicts: auto (CUDA when available), cpu, cuda[:N]", "train",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+    )
     # Set by the launcher
     data_dir: str = Field("", description="simulation: absolute folder of site folders")
     sites: NameList = Field((), description="expected sites (simulation: one virtual node each)")

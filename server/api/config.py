@@ -34,6 +34,9 @@ class ApiSettings(BaseSettings):
         model_cache_size: model versions kept in memory at once.
         sw_overlap: overlap of the sliding windows.
         sw_batch_size: windows per forward pass.
+        inference_precision: ``fp32`` (MONAI's result), ``bf16`` (first conv float32) or ``auto``
+            (bf16 where the processor has it natively); see ``shared.inferer``.
+        device: where the network runs: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``.
     """
 
     model_config = SettingsConfigDict(env_prefix="FEDMRI_", env_file=".env", extra="ignore")
@@ -55,6 +58,8 @@ class ApiSettings(BaseSettings):
     model_cache_size: int = Field(default=4, ge=1)
     sw_overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
     sw_batch_size: int = Field(default=2, ge=1)
+    inference_precision: str = Field(default="fp32", pattern=r"^(fp32|bf16|auto)$")
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 
     @field_validator("api_key", "admin_key", "default_model", mode="before")
     @classmethod

@@ -28,6 +28,7 @@ from shared.io import save_segmentation
 from shared.registry import data_config_from_meta, load_model, served_version
 from shared.resample import probabilities_to_grid
 from shared.synth import LABELS
+from shared.inferer import InferenceOptions, SlidingWindowPredictor, resolve_device
 from shared.training import predict_logits
 
 __all__ = ["ModelNotFoundError", "ModelLoadError", "ServedModel", "ModelStore", "Segmentation", "preprocessing", "segment_volume",
@@ -188,7 +189,8 @@ def preprocessing(data_config: DataConfig):
     return mt.Compose(chain)
 
 
-def segment_volume(model: ServedModel, image: np.ndarray, meta: dict, overlap: float = 0.25, sw_batch_size: int = 2) -> Segmentation:
+def segment_volume(model: ServedModel, image: np.ndarray, meta: dict, overlap: float = 0.25, sw_batch_size: int = 2,
+                   precision: str = "fp32", device: str | None = None) -> Segmentation:
     """Segment a validated 3-D ``image`` (from ``shared.io.load_volume``) and map labels back to its grid.
 
     Args:
@@ -197,6 +199,8 @@ def segment_volume(model: ServedModel, image: np.ndarray, meta: dict, overlap: f
         meta: ``load_volume`` metadata; its ``affine`` defines the input grid.
         overlap: sliding-window overlap.
         sw_batch_size: windows per forward pass.
+        precision: ``"fp32"`` (MONAI's result), ``"bf16"`` or ``"auto"`` (``shared.inferer``).
+        device: where the network runs (``"auto"``: CUDA when available); ``None`` keeps its device.
     """
     from monai.data import MetaTensor
 
@@ -212,7 +216,12 @@ def segment_volume(model: ServedModel, image: np.ndarray, meta: dict, overlap: f
     timings["preprocess_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    logits = predict_logits(model.network, prepared["image"], model.data_config.roi_size, overlap=overlap, sw_batch_size=sw_batch_size)
+    predictor = SlidingWindowPredictor(  # MONAI's window grid, inference mode (shared.inferer)
+        model.network, model.data_config.roi_size,
+        InferenceOptions(overlap=overlap, sw_batch_size=sw_batch_size, precision=precision),
+        device=None if device is None else resolve_device(device),
+    )
+    logits = predictor.logits(prepared["image"])
     timings["inference_s"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -22,6 +22,8 @@ _OVERRIDES = {
     "max_concurrent": "max_concurrent_inferences",
     "max_queued": "max_queued_requests",
     "torch_threads": "torch_threads",
+    "device": "device",
+    "inference_precision": "inference_precision",
 }
 
 
@@ -40,8 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest volume after resampling to the model's spacing (env FEDMRI_MAX_MODEL_VOXELS; default 256**3)")
     parser.add_argument("--max-concurrent", type=int, default=s, help="volumes segmented at once (env FEDMRI_MAX_CONCURRENT_INFERENCES; default 2)")
     parser.add_argument("--max-queued", type=int, default=s,
-                        help="requests admitted beyond those running; more get 503 (env FEDMRI_MAX_QUEUED_REQUESTS; default 8)")
-    parser.add_argument("--torch-threads", type=int, default=s, help="torch intra-op threads (env FEDMRI_TORCH_THREADS)")
+                        help="requests admitted beyond those running; more get 503 "
+                             "(env FEDMRI_MAX_QUEUED_REQUESTS; default 8)")
+    parser.add_argument("--torch-threads", type=int, default=s,
+                        help="torch intra-op threads (env FEDMRI_TORCH_THREADS)")
+    parser.add_argument("--device", default=s, help="auto (CUDA when available), cpu, cuda[:N] (env FEDMRI_DEVICE)")
+    parser.add_argument("--inference-precision", default=s, choices=("fp32", "bf16", "auto"),
+                        help="fp32 (MONAI's result) or bf16 body (env FEDMRI_INFERENCE_PRECISION; default fp32)")
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback --host without FEDMRI_API_KEY (anyone who reaches the port can use the API)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))

@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from shared.inferer import resolve_device
     from shared.model import build_unet
     from shared.registry import mark_served, save_model
     from shared.runconfig import RunConfig
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
             args.epochs,
             lr=cfg.lr,
             seed=cfg.seed,
+            device=resolve_device(cfg.device),
             on_epoch=lambda e, st: print(
                 f"epoch {e}/{args.epochs}  loss {st['train_loss']:.4f}  ({st['seconds']:.1f}s)", flush=True
             ),

@@ -93,7 +93,8 @@ def _process(raw: Path, work_dir: Path, model: ServedModel, settings: ApiSetting
     start = time.perf_counter()
     image, meta = open_upload(raw, work_dir, settings.max_voxels, _grid_check(settings, model))
     read_s = time.perf_counter() - start
-    seg = segment_volume(model, image, meta, overlap=settings.sw_overlap, sw_batch_size=settings.sw_batch_size)
+    seg = segment_volume(model, image, meta, overlap=settings.sw_overlap, sw_batch_size=settings.sw_batch_size,
+                         precision=settings.inference_precision, device=settings.device)
     start = time.perf_counter()
     encoded = encode_segmentation(seg, work_dir) if nifti else None
     slices = preview_slices(seg) if preview else None
