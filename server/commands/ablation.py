@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "('' disables)",
     )
     parser.add_argument("--readme", default="README.md", help="README whose marked ablation block is regenerated")
+    parser.add_argument(
+        "--no-cross-site", dest="cross_site", action="store_false", help="skip the cross-site matrix evaluation"
+    )
     parser.add_argument("--note", default="", help="a line printed at the top of the results (e.g. a reduced size)")
     parser.add_argument("--k", type=int, default=None, help="random affine maps per test volume (fast 2, full 5)")
     parser.add_argument("--threshold", type=float, default=0.7, help="flag sites whose mean Dice is below this")
@@ -65,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from server.experiments.ablation import AblationConfig, run_ablation
 
-    study = {"threshold": args.threshold, "sites": args.sites, "variants": args.variants, "seeds": args.seeds}
+    study = {"threshold": args.threshold, "sites": args.sites, "variants": args.variants, "seeds": args.seeds,
+             "cross_site": args.cross_site}
     if args.k is not None:
         study["k"] = args.k
     config = AblationConfig.preset(full=args.full, run_config=run_config_from_args(args), **study)

@@ -61,6 +61,7 @@ __all__ = [
     "AblationConfig",
     "run_ablation",
     "analyse",
+    "merge_results",
 ]
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,8 @@ COMPARISONS: tuple[tuple[str, str], ...] = (("IN − BN", "fed-bn"), ("IN − po
                                             ("IN − local-only", "local-in"))
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
 
-# Presets: run-config overrides shared by every variant. FAST: 4 mm, small crops, few rounds (2 cores).
-FAST: dict = {"num-server-rounds": 5, "local-epochs": 1, "spacing": "4,4,4", "roi-size": "32,32,32", "lr": 0.003,
+# Presets: run-config overrides shared by every variant. FAST: 3 mm, small crops, few rounds (2 cores).
+FAST: dict = {"num-server-rounds": 5, "local-epochs": 1, "spacing": "3,3,3", "roi-size": "32,32,32", "lr": 0.003,
               "channels": "8,16,32"}
 FULL: dict = {
     "num-server-rounds": 20,
@@ -131,6 +132,7 @@ class AblationConfig:
         variants: which of ``VARIANTS`` to run.
         seeds: run-config seeds; every variant runs once per seed.
         bootstrap: bootstrap resamples for the paired CIs.
+        cross_site: evaluate the first seed's local-only models on every site (the cross-site matrix).
     """
 
     run: RunConfig = field(default_factory=lambda: RunConfig.from_run_config(FAST))
@@ -140,6 +142,7 @@ class AblationConfig:
     variants: tuple[str, ...] = DEFAULT_VARIANTS
     seeds: tuple[int, ...] = DEFAULT_SEEDS
     bootstrap: int = 5000
+    cross_site: bool = True
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -168,6 +171,7 @@ class AblationConfig:
             "variants": list(self.variants),
             "seeds": list(self.seeds),
             "bootstrap": self.bootstrap,
+            "cross_site": self.cross_site,
         }
 
 
@@ -363,6 +367,28 @@ def _harmonized_dir(data_dir: Path, out: Path, method: str, sites, echo) -> Path
     return target
 
 
+def merge_results(parts: Sequence[dict]) -> dict:
+    """One study from runs of the same config on disjoint seeds (e.g. seeds run as parallel processes)."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    base = {**parts[0], "variants": [], "timings": [], "skipped": {}}
+    seeds: list[int] = []
+    rows: dict[str, dict] = {}
+    for part in parts:
+        seeds += [s for s in part["config"]["seeds"] if s not in seeds]
+        base["timings"] += part.get("timings", [])
+        base["skipped"].update(part.get("skipped") or {})
+        for v in part["variants"]:
+            row = rows.setdefault(v["name"], {**v, "seeds": {}})
+            row["seeds"].update(v["seeds"])
+            if "local_state_rounds" in v:
+                row.setdefault("local_state_rounds", {}).update(v["local_state_rounds"])
+    base["variants"] = list(rows.values())
+    base["config"] = {**parts[0]["config"], "seeds": seeds}
+    base["seconds"] = max(p.get("seconds", 0.0) for p in parts)
+    return analyse(base)
+
+
 def run_ablation(
     data_dir: str | Path,
     out_dir: str | Path,
@@ -472,7 +498,7 @@ def run_ablation(
                     save_model(registry, f"ablation-local-{site.name}-s{seed}", model.state_dict(),
                                cfg.network_config(), dcfg, kind="local", strategy="centralized", norm=cfg.norm,
                                sites=[site.name], epochs=epochs, history=hist, config=cfg.to_run_config())
-                    on = config.sites if seed == first_seed else [site.name]
+                    on = config.sites if seed == first_seed and config.cross_site else [site.name]
                     evaluations, skipped = _evaluate(model, dcfg, vdata, on, k, seed)
                     scores = _site_scores(evaluations)
                     matrix[site.name] = {s: v["dice"] for s, v in scores.items()}
@@ -481,7 +507,7 @@ def run_ablation(
                         own[site.name] = scores[site.name]
                     echo(f"  local {site.name}: " + "  ".join(f"{s} {fmt(v)}" for s, v in matrix[site.name].items()))
                 r["seeds"][str(seed)] = own
-                if seed == first_seed:
+                if seed == first_seed and config.cross_site:
                     results["cross_site"], results["cross_site_tissue"] = matrix, matrix_tissue
             seconds = time.perf_counter() - start
             results["timings"].append(
