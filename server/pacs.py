@@ -17,15 +17,29 @@ from dataclasses import dataclass, field
 from shared.dicom import build_segmentation, series_to_volume
 from shared.errors import InvalidVolumeError
 
-__all__ = ["PacsError", "SeriesLookupError", "PacsResult", "dicomweb_client", "choose_series", "retrieve_series",
-           "round_trip"]
+__all__ = [
+    "PacsError",
+    "SeriesLookupError",
+    "PacsResult",
+    "dicomweb_client",
+    "choose_series",
+    "retrieve_series",
+    "round_trip",
+]
 
 log = logging.getLogger("fedmri.pacs")
 logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # its INFO lines carry study and series UIDs
 
 # DICOM JSON tags (PS3.18 F.2): keyword -> tag.
-_TAG = {"SeriesInstanceUID": "0020000E", "Modality": "00080060", "SeriesDescription": "0008103E",
-        "SeriesNumber": "00200011", "Rows": "00280010", "Columns": "00280011", "NumberOfFrames": "00280008"}
+_TAG = {
+    "SeriesInstanceUID": "0020000E",
+    "Modality": "00080060",
+    "SeriesDescription": "0008103E",
+    "SeriesNumber": "00200011",
+    "Rows": "00280010",
+    "Columns": "00280011",
+    "NumberOfFrames": "00280008",
+}
 SOURCE = "PACS series"
 
 
@@ -93,8 +107,15 @@ def choose_series(client, study_uid: str, series_uid: str | None = None) -> str:
     Raises:
         SeriesLookupError: the study has no MR series, or several and none was chosen.
     """
-    found = _call("the series search (QIDO-RS)", client.search_for_series, study_instance_uid=study_uid,
-                  fields=["SeriesDescription", "SeriesNumber"]) or []
+    found = (
+        _call(
+            "the series search (QIDO-RS)",
+            client.search_for_series,
+            study_instance_uid=study_uid,
+            fields=["SeriesDescription", "SeriesNumber"],
+        )
+        or []
+    )
     mr = [s for s in found if _value(s, "Modality") == "MR"]
     if series_uid is not None:
         if not any(_value(s, "SeriesInstanceUID") == series_uid for s in found):
@@ -160,7 +181,9 @@ def retrieve_series(client, study_uid: str, series_uid: str, max_bytes: int) -> 
         try:
             datasets.append(pydicom.dcmread(io.BytesIO(content), force=True))
         except Exception as exc:  # corrupt part
-            raise InvalidVolumeError(f"{SOURCE}: instance {len(datasets)} is not readable DICOM ({type(exc).__name__})") from None
+            raise InvalidVolumeError(
+                f"{SOURCE}: instance {len(datasets)} is not readable DICOM ({type(exc).__name__})"
+            ) from None
     if not datasets:
         raise SeriesLookupError("the PACS returned no instances for the series")
     return datasets
@@ -169,15 +192,26 @@ def retrieve_series(client, study_uid: str, series_uid: str, max_bytes: int) -> 
 def _check_size(client, study_uid: str, series_uid: str, max_voxels: int) -> int:
     """Instance count and voxel total from the series metadata, before any pixel data is fetched."""
     metadata = _call("the series metadata (WADO-RS)", client.retrieve_series_metadata, study_uid, series_uid)
-    voxels = sum(int(_value(m, "Rows") or 0) * int(_value(m, "Columns") or 0) * int(_value(m, "NumberOfFrames") or 1)
-                 for m in metadata)
+    voxels = sum(
+        int(_value(m, "Rows") or 0) * int(_value(m, "Columns") or 0) * int(_value(m, "NumberOfFrames") or 1)
+        for m in metadata
+    )
     if voxels > max_voxels:
-        raise InvalidVolumeError(f"{SOURCE}: {len(metadata)} instances with {voxels} voxels, more than the limit of {max_voxels}")
+        raise InvalidVolumeError(
+            f"{SOURCE}: {len(metadata)} instances with {voxels} voxels, more than the limit of {max_voxels}"
+        )
     return len(metadata)
 
 
-def round_trip(client, study_uid: str, model, series_uid: str | None = None, max_voxels: int = 512**3,
-               overlap: float = 0.25, sw_batch_size: int = 2) -> PacsResult:
+def round_trip(
+    client,
+    study_uid: str,
+    model,
+    series_uid: str | None = None,
+    max_voxels: int = 512**3,
+    overlap: float = 0.25,
+    sw_batch_size: int = 2,
+) -> PacsResult:
     """Fetch one MR series of ``study_uid``, segment it with ``model`` and store the SEG in the same study.
 
     Args:
@@ -212,8 +246,22 @@ def round_trip(client, study_uid: str, model, series_uid: str | None = None, max
     size = len(segmentation_to_bytes(dataset))
     _call("storing the SEG (STOW-RS)", client.store_instances, [dataset], study_instance_uid=study_uid)
     timings["store_s"] = time.perf_counter() - start
-    log.info("PACS round trip: %d instances (%d voxels) segmented with model %s, %d-byte SEG stored in %.2fs",
-             count, image.size, model.version, size, sum(timings.values()))
-    return PacsResult(study_uid, series_uid, str(dataset.SeriesInstanceUID), str(dataset.SOPInstanceUID), model.version,
-                      count, tuple(int(n) for n in image.shape), label_volumes(seg.labels, meta["affine"], model.label_names),
-                      timings)
+    log.info(
+        "PACS round trip: %d instances (%d voxels) segmented with model %s, %d-byte SEG stored in %.2fs",
+        count,
+        image.size,
+        model.version,
+        size,
+        sum(timings.values()),
+    )
+    return PacsResult(
+        study_uid,
+        series_uid,
+        str(dataset.SeriesInstanceUID),
+        str(dataset.SOPInstanceUID),
+        model.version,
+        count,
+        tuple(int(n) for n in image.shape),
+        label_volumes(seg.labels, meta["affine"], model.label_names),
+        timings,
+    )

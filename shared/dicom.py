@@ -35,8 +35,19 @@ from shared.errors import InvalidVolumeError
 from shared.labels import LABELS
 
 __all__ = [
-    "ZIP_MAGICS", "MR_IMAGE_STORAGE", "SEG_STORAGE", "ZipLimits", "is_zip", "read_zip_datasets", "series_to_volume",
-    "read_series_zip", "build_segmentation", "segmentation_to_bytes", "segment_codes", "make_mr_series", "series_to_zip",
+    "ZIP_MAGICS",
+    "MR_IMAGE_STORAGE",
+    "SEG_STORAGE",
+    "ZipLimits",
+    "is_zip",
+    "read_zip_datasets",
+    "series_to_volume",
+    "read_series_zip",
+    "build_segmentation",
+    "segmentation_to_bytes",
+    "segment_codes",
+    "make_mr_series",
+    "series_to_zip",
     "LPS_TO_RAS",
 ]
 
@@ -88,9 +99,13 @@ def _entry_bytes(archive: zipfile.ZipFile, info: zipfile.ZipInfo, index: int, so
             while chunk := member.read(1024 * 1024):
                 out += chunk
                 if len(out) > info.file_size:
-                    raise InvalidVolumeError(f"{source}: zip entry {index} inflates beyond its declared size (zip bomb?)")
+                    raise InvalidVolumeError(
+                        f"{source}: zip entry {index} inflates beyond its declared size (zip bomb?)"
+                    )
     except (zipfile.BadZipFile, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
-        raise InvalidVolumeError(f"{source}: zip entry {index} cannot be read ({type(exc).__name__}: corrupt or unsupported zip)") from None
+        raise InvalidVolumeError(
+            f"{source}: zip entry {index} cannot be read ({type(exc).__name__}: corrupt or unsupported zip)"
+        ) from None
     return bytes(out)
 
 
@@ -115,7 +130,9 @@ def read_zip_datasets(path: str | Path, limits: ZipLimits = ZipLimits(), source:
         if not infos:
             raise InvalidVolumeError(f"{source}: the zip holds no files; expected the DICOM files of one MR series")
         if len(infos) > limits.max_entries:
-            raise InvalidVolumeError(f"{source}: the zip holds {len(infos)} files, more than the limit of {limits.max_entries}")
+            raise InvalidVolumeError(
+                f"{source}: the zip holds {len(infos)} files, more than the limit of {limits.max_entries}"
+            )
         declared = sum(i.file_size for i in infos)
         allowed = limits.max_inflated(len(infos))
         if declared > allowed:
@@ -138,9 +155,13 @@ def read_zip_datasets(path: str | Path, limits: ZipLimits = ZipLimits(), source:
             try:
                 ds = pydicom.dcmread(io.BytesIO(raw))
             except InvalidDicomError:
-                raise InvalidVolumeError(f"{source}: zip entry {index} is not a DICOM file (no DICM preamble)") from None
+                raise InvalidVolumeError(
+                    f"{source}: zip entry {index} is not a DICOM file (no DICM preamble)"
+                ) from None
             except Exception as exc:  # pydicom raises many types for corrupt data
-                raise InvalidVolumeError(f"{source}: zip entry {index} is not a readable DICOM file ({type(exc).__name__})") from None
+                raise InvalidVolumeError(
+                    f"{source}: zip entry {index} is not a readable DICOM file ({type(exc).__name__})"
+                ) from None
             ds.fedmri_entry = index  # position in the zip, for error messages
             datasets.append(ds)
     if not datasets:
@@ -179,8 +200,8 @@ def _check_decodable(ds, k: int, source: str) -> None:
         available = False
     if not available:
         raise InvalidVolumeError(
-            f"{source}: {_where(ds, k)} uses the compressed transfer syntax '{ts.name}' ({ts}), which this server cannot "
-            "decode; send the series uncompressed (Explicit VR Little Endian)"
+            f"{source}: {_where(ds, k)} uses the compressed transfer syntax '{ts.name}' ({ts}), "
+            "which this server cannot decode; send the series uncompressed (Explicit VR Little Endian)"
         )
 
 
@@ -204,15 +225,21 @@ def _series_geometry(datasets: Sequence, source: str, max_voxels: int | None) ->
             from pydicom.uid import UID
 
             kind = UID(sop_class).name if sop_class else "unknown SOP class"
-            raise InvalidVolumeError(f"{source}: {_where(ds, k)} is not an image ({kind}, no pixel data); send only the MR images")
+            raise InvalidVolumeError(
+                f"{source}: {_where(ds, k)} is not an image ({kind}, no pixel data); send only the MR images"
+            )
     series = Counter(str(ds.get("SeriesInstanceUID", "")) for ds in datasets)
     if len(series) > 1:
         counts = ", ".join(str(n) for n in sorted(series.values(), reverse=True))
-        raise InvalidVolumeError(f"{source}: {len(series)} series mixed ({counts} instances); send one series per upload")
+        raise InvalidVolumeError(
+            f"{source}: {len(series)} series mixed ({counts} instances); send one series per upload"
+        )
     for k, ds in enumerate(datasets):
         sop_class = str(ds.get("SOPClassUID", ""))
         if sop_class == ENHANCED_MR_IMAGE_STORAGE or int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise InvalidVolumeError(f"{source}: {_where(ds, k)} is a multi-frame image; send a classic single-frame MR series")
+            raise InvalidVolumeError(
+                f"{source}: {_where(ds, k)} is a multi-frame image; send a classic single-frame MR series"
+            )
         if str(ds.get("Modality", "")) != "MR":
             raise InvalidVolumeError(f"{source}: {_where(ds, k)} has modality '{ds.get('Modality', '')}'; expected MR")
         if int(ds.get("SamplesPerPixel", 1)) != 1:
@@ -228,7 +255,9 @@ def _series_geometry(datasets: Sequence, source: str, max_voxels: int | None) ->
     pixel = _floats(first, "PixelSpacing", 2, 0, source)
     for k, ds in enumerate(datasets):
         if (int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) != (rows, cols):
-            raise InvalidVolumeError(f"{source}: slices differ in size ({rows}x{cols} and {ds.get('Rows')}x{ds.get('Columns')})")
+            raise InvalidVolumeError(
+                f"{source}: slices differ in size ({rows}x{cols} and {ds.get('Rows')}x{ds.get('Columns')})"
+            )
         if np.abs(_floats(ds, "ImageOrientationPatient", 6, k, source) - orientation).max() > DIRECTION_TOL:
             raise InvalidVolumeError(f"{source}: slices differ in orientation (ImageOrientationPatient); not one stack")
         if np.abs(_floats(ds, "PixelSpacing", 2, k, source) - pixel).max() > POSITION_TOL_MM:
@@ -238,7 +267,11 @@ def _series_geometry(datasets: Sequence, source: str, max_voxels: int | None) ->
     if min(pixel) <= 0:
         raise InvalidVolumeError(f"{source}: PixelSpacing must be positive")
     row_dir, col_dir = orientation[:3], orientation[3:]
-    if abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3 or abs(row_dir @ col_dir) > 1e-3:
+    if (
+        abs(np.linalg.norm(row_dir) - 1) > 1e-3
+        or abs(np.linalg.norm(col_dir) - 1) > 1e-3
+        or abs(row_dir @ col_dir) > 1e-3
+    ):
         raise InvalidVolumeError(f"{source}: ImageOrientationPatient is not two orthogonal unit vectors")
     n = len(datasets)
     if n < 2:
@@ -268,7 +301,8 @@ def _series_geometry(datasets: Sequence, source: str, max_voxels: int | None) ->
                 f"of {n}, spacing {step_mm:.3g} mm)"
             )
         raise InvalidVolumeError(
-            f"{source}: non-uniform slice spacing ({gaps.min():.3g} to {gaps.max():.3g} mm); expected evenly spaced slices"
+            f"{source}: non-uniform slice spacing ({gaps.min():.3g} to {gaps.max():.3g} mm); "
+            "expected evenly spaced slices"
         )
     # The slice step as a vector: includes any in-plane drift of a tilted (sheared) acquisition.
     step = (positions[-1] - positions[0]) / (n - 1)
@@ -290,7 +324,9 @@ def _pixels(ds, k: int, shape: tuple[int, int], source: str) -> np.ndarray:
     try:
         stored = ds.pixel_array
     except Exception as exc:  # decoder failures, truncated pixel data
-        raise InvalidVolumeError(f"{source}: {_where(ds, k)}: pixel data could not be decoded ({type(exc).__name__})") from None
+        raise InvalidVolumeError(
+            f"{source}: {_where(ds, k)}: pixel data could not be decoded ({type(exc).__name__})"
+        ) from None
     if stored.shape != shape:
         raise InvalidVolumeError(f"{source}: {_where(ds, k)}: pixel data has shape {stored.shape}, header says {shape}")
     slope = float(ds.get("RescaleSlope", 1) or 1)
@@ -316,8 +352,13 @@ def _nifti_header(affine: np.ndarray, shape: tuple[int, int, int]) -> nib.Nifti1
     return header
 
 
-def series_to_volume(datasets: Sequence, source: str = "upload", max_voxels: int | None = None,
-                     dtype: type = np.float32, check_grid: Callable | None = None) -> tuple[np.ndarray, dict]:
+def series_to_volume(
+    datasets: Sequence,
+    source: str = "upload",
+    max_voxels: int | None = None,
+    dtype: type = np.float32,
+    check_grid: Callable | None = None,
+) -> tuple[np.ndarray, dict]:
     """Stack one MR series into ``(array, meta)`` as ``shared.io.load_volume`` returns it.
 
     Args:
@@ -363,8 +404,9 @@ def series_to_volume(datasets: Sequence, source: str = "upload", max_voxels: int
     return volume, meta
 
 
-def read_series_zip(path: str | Path, source: str = "upload", limits: ZipLimits = ZipLimits(),
-                    check_grid: Callable | None = None) -> tuple[np.ndarray, dict]:
+def read_series_zip(
+    path: str | Path, source: str = "upload", limits: ZipLimits = ZipLimits(), check_grid: Callable | None = None
+) -> tuple[np.ndarray, dict]:
     """A zip of one MR series' DICOM files -> ``(array, meta)`` (see :func:`series_to_volume`)."""
     return series_to_volume(read_zip_datasets(path, limits, source), source, limits.max_voxels, check_grid=check_grid)
 
@@ -382,12 +424,34 @@ _BRAIN = ("12738006", "Brain")
 # What the SEG IOD needs from a source image (patient, study, frame of reference, geometry).
 # Everything else in the source header, identifiers included, never reaches the SEG.
 _SOURCE_KEEP = (
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-    "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName",
-    "Modality", "Rows", "Columns", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient",
-    "SliceThickness", "SpacingBetweenSlices", "SamplesPerPixel", "PhotometricInterpretation",
-    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "Modality",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
 )
 
 
@@ -409,15 +473,29 @@ def _minimal_source(ds):
     for keyword in _SOURCE_KEEP:
         if keyword in ds:
             setattr(out, keyword, ds.data_element(keyword).value)
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                    "StudyID", "AccessionNumber", "ReferringPhysicianName"):
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "StudyID",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+    ):
         if keyword not in out:
             setattr(out, keyword, None)  # type 2 in the SEG: present, may be empty
     return out
 
 
-def build_segmentation(labels: np.ndarray, datasets: Sequence, model_version: str, labels_present: Iterable[int] | None = None,
-                       series_number: int = 9001):
+def build_segmentation(
+    labels: np.ndarray,
+    datasets: Sequence,
+    model_version: str,
+    labels_present: Iterable[int] | None = None,
+    series_number: int = 9001,
+):
     """A highdicom ``Segmentation`` (BINARY, one segment per foreground label) of a series.
 
     Args:
@@ -437,17 +515,21 @@ def build_segmentation(labels: np.ndarray, datasets: Sequence, model_version: st
     descriptions, remap = [], np.zeros(max(LABELS) + 1, dtype=np.uint8)
     for number, label in enumerate(wanted, start=1):
         category, prop = segment_codes(label)
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label=LABELS[label],
-            segmented_property_category=category,
-            segmented_property_type=prop,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=hd.AlgorithmIdentificationSequence(
-                name="fedmri", version=model_version[:64], family=hd.sr.CodedConcept("123109", "DCM", "Artificial Intelligence"),
-            ),
-            anatomic_regions=[hd.sr.CodedConcept(_BRAIN[0], "SCT", _BRAIN[1])],
-        ))
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=LABELS[label],
+                segmented_property_category=category,
+                segmented_property_type=prop,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=hd.AlgorithmIdentificationSequence(
+                    name="fedmri",
+                    version=model_version[:64],
+                    family=hd.sr.CodedConcept("123109", "DCM", "Artificial Intelligence"),
+                ),
+                anatomic_regions=[hd.sr.CodedConcept(_BRAIN[0], "SCT", _BRAIN[1])],
+            )
+        )
         remap[label] = number
     frames = remap[np.clip(np.transpose(labels, (2, 1, 0)), 0, len(remap) - 1)]  # (slices, rows, columns)
     return hd.seg.Segmentation(
@@ -479,9 +561,19 @@ def segmentation_to_bytes(seg) -> bytes:
 
 # --- writing a series (tests, demos, PACS uploads) --------------------------------------------
 
-def make_mr_series(volume: np.ndarray, affine: np.ndarray, *, per_slice_rescale: bool = False, bits: int = 16,
-                   patient_name: str = "Synthetic^Subject", patient_id: str = "FEDMRI-SYNTH", study_uid: str | None = None,
-                   series_description: str = "synthetic T1", extra: dict | None = None) -> list:
+
+def make_mr_series(
+    volume: np.ndarray,
+    affine: np.ndarray,
+    *,
+    per_slice_rescale: bool = False,
+    bits: int = 16,
+    patient_name: str = "Synthetic^Subject",
+    patient_id: str = "FEDMRI-SYNTH",
+    study_uid: str | None = None,
+    series_description: str = "synthetic T1",
+    extra: dict | None = None,
+) -> list:
     """An MR Image Storage series (one pydicom dataset per slice) holding ``volume`` on ``affine``.
 
     Values are stored as unsigned integers with ``RescaleSlope``/``RescaleIntercept`` chosen so
@@ -524,7 +616,13 @@ def make_mr_series(volume: np.ndarray, affine: np.ndarray, *, per_slice_rescale:
         ds.SOPClassUID, ds.SOPInstanceUID = MR_IMAGE_STORAGE, meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
         ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = patient_name, patient_id, "", "O"
-        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "1", "", ""
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = (
+            "20260101",
+            "120000",
+            "1",
+            "",
+            "",
+        )
         ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "MR", 1, k + 1
         ds.SeriesDescription = series_description
         ds.Manufacturer = "fedmri synthetic"

@@ -44,9 +44,24 @@ import numpy as np
 from shared.scanner import REFERENCE_RANGE, ScannerProfile, apply_scanner
 
 __all__ = [
-    "QUANTILES", "THRESHOLD", "MIN_STD", "STOP_GAMMAS", "STOP_BIAS_STRENGTHS", "OOD_FILE", "FEATURES",
-    "intensity_summary", "site_reference", "site_metrics", "site_from_metrics", "build_record", "score", "assess",
-    "expected_tissue_dice", "write_ood", "read_ood", "site_reference_from_dir",
+    "QUANTILES",
+    "THRESHOLD",
+    "MIN_STD",
+    "STOP_GAMMAS",
+    "STOP_BIAS_STRENGTHS",
+    "OOD_FILE",
+    "FEATURES",
+    "intensity_summary",
+    "site_reference",
+    "site_metrics",
+    "site_from_metrics",
+    "build_record",
+    "score",
+    "assess",
+    "expected_tissue_dice",
+    "write_ood",
+    "read_ood",
+    "site_reference_from_dir",
 ]
 
 QUANTILES: tuple[float, ...] = tuple(float(q) for q in np.round(np.linspace(0.05, 0.95, 19), 4))
@@ -129,8 +144,12 @@ def _in_signal_range(image: np.ndarray, profile: ScannerProfile, rng: np.random.
     return lo + apply_scanner(signal, profile, rng).astype(np.float64) / REFERENCE_RANGE * (hi - lo)
 
 
-def site_reference(images: Iterable[np.ndarray], gammas: Sequence[float] = STOP_GAMMAS,
-                   bias_strengths: Sequence[float] = STOP_BIAS_STRENGTHS, seed: int = 0) -> dict:
+def site_reference(
+    images: Iterable[np.ndarray],
+    gammas: Sequence[float] = STOP_GAMMAS,
+    bias_strengths: Sequence[float] = STOP_BIAS_STRENGTHS,
+    seed: int = 0,
+) -> dict:
     """What one site shares about its training volumes: aggregates only.
 
     Args:
@@ -157,16 +176,25 @@ def site_reference(images: Iterable[np.ndarray], gammas: Sequence[float] = STOP_
         raise ValueError("site_reference needs at least one volume")
     stack = np.stack(features)
     mean = stack.mean(axis=0)
-    stops = [{"kind": kind, "level": level, "mean": [float(v) for v in np.mean([r[i] for r in perturbed], axis=0)]}
-             for i, (kind, level) in enumerate(levels)]
-    return {"n": len(features), "mean": [float(v) for v in mean],
-            "ss": [float(v) for v in ((stack - mean) ** 2).sum(axis=0)], "stops": stops}
+    stops = [
+        {"kind": kind, "level": level, "mean": [float(v) for v in np.mean([r[i] for r in perturbed], axis=0)]}
+        for i, (kind, level) in enumerate(levels)
+    ]
+    return {
+        "n": len(features),
+        "mean": [float(v) for v in mean],
+        "ss": [float(v) for v in ((stack - mean) ** 2).sum(axis=0)],
+        "stops": stops,
+    }
 
 
 def site_metrics(reference: Mapping, prefix: str = "ood-") -> dict[str, int | float | list[float]]:
     """A site reference as numbers and lists of numbers (the value types of a Flower ``MetricRecord``)."""
-    out: dict = {f"{prefix}n": int(reference["n"]), f"{prefix}mean": [float(v) for v in reference["mean"]],
-                 f"{prefix}ss": [float(v) for v in reference["ss"]]}
+    out: dict = {
+        f"{prefix}n": int(reference["n"]),
+        f"{prefix}mean": [float(v) for v in reference["mean"]],
+        f"{prefix}ss": [float(v) for v in reference["ss"]],
+    }
     for stop in reference["stops"]:
         out[f"{prefix}{stop['kind']}-{stop['level']:g}"] = [float(v) for v in stop["mean"]]
     return out
@@ -182,8 +210,12 @@ def site_from_metrics(metrics: Mapping, prefix: str = "ood-") -> dict | None:
         if key.startswith(prefix) and kind in ("gamma", "bias") and level:
             stops.append({"kind": kind, "level": float(level), "mean": [float(v) for v in value]})
     stops.sort(key=lambda s: (s["kind"] != "gamma", -s["level"] if s["kind"] == "gamma" else s["level"]))
-    return {"n": int(metrics[f"{prefix}n"]), "mean": [float(v) for v in metrics[f"{prefix}mean"]],
-            "ss": [float(v) for v in metrics[f"{prefix}ss"]], "stops": stops}
+    return {
+        "n": int(metrics[f"{prefix}n"]),
+        "mean": [float(v) for v in metrics[f"{prefix}mean"]],
+        "ss": [float(v) for v in metrics[f"{prefix}ss"]],
+        "stops": stops,
+    }
 
 
 def _pooled_std(sites: Mapping[str, Mapping]) -> np.ndarray:
@@ -212,7 +244,8 @@ def build_record(sites: Mapping[str, Mapping]) -> dict:
     for site in sites.values():
         for stop in site.get("stops", []):
             stops.setdefault((stop["kind"], float(stop["level"])), []).append(
-                (_distance(stop["mean"], site["mean"], std), int(site["n"])))
+                (_distance(stop["mean"], site["mean"], std), int(site["n"]))
+            )
     return {
         "format": 1,
         "features": list(FEATURES),
@@ -220,10 +253,12 @@ def build_record(sites: Mapping[str, Mapping]) -> dict:
         "pooled_std": [float(v) for v in std],
         "threshold": THRESHOLD,
         "threshold_rule": "RMS distance to the nearest site's mean in pooled within-site standard deviations "
-                          f"(larger of histogram shape and block uniformity); warn above {THRESHOLD:g} "
-                          "(training scans lie near 1)",
-        "stops": [{"kind": kind, "level": level, "score": sum(v * w for v, w in values) / sum(w for _, w in values)}
-                  for (kind, level), values in stops.items()],
+        f"(larger of histogram shape and block uniformity); warn above {THRESHOLD:g} "
+        "(training scans lie near 1)",
+        "stops": [
+            {"kind": kind, "level": level, "score": sum(v * w for v, w in values) / sum(w for _, w in values)}
+            for (kind, level), values in stops.items()
+        ],
     }
 
 
@@ -252,8 +287,10 @@ def expected_tissue_dice(value: float, nearest_site: str, record: Mapping, repor
         base = float(rows[nearest_site]["dice"]["tissue"]["mean"])
     except (KeyError, TypeError, ValueError):
         base = float(report.get("fairness_tissue", {}).get("mean", math.nan))
-    agreements = {(s["kind"], round(float(s["level"]), 6)): s.get("dice_mean")
-                  for s in report.get("invariance", {}).get("stops", [])}
+    agreements = {
+        (s["kind"], round(float(s["level"]), 6)): s.get("dice_mean")
+        for s in report.get("invariance", {}).get("stops", [])
+    }
     points = [(0.0, 1.0)]
     for stop in record.get("stops", []):
         agreement = agreements.get((stop["kind"], round(float(stop["level"]), 6)))

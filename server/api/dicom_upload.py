@@ -26,8 +26,9 @@ SEG_MEDIA_TYPE = "application/dicom"
 SOURCE = "upload"
 
 
-def open_dicom_upload(raw: Path, work_dir: Path, max_voxels: int,
-                      check_grid: Callable | None = None) -> tuple[np.ndarray, dict]:
+def open_dicom_upload(
+    raw: Path, work_dir: Path, max_voxels: int, check_grid: Callable | None = None
+) -> tuple[np.ndarray, dict]:
     """Validate and read a zipped DICOM series as ``(array, meta)``; the zip is deleted after reading.
 
     ``check_grid(shape, affine)`` (the API's work budget) sees the series' grid before any pixel is decoded.
@@ -46,15 +47,20 @@ def encode_dicom_seg(labels: np.ndarray, meta: dict, model_version: str) -> byte
     """
     datasets = meta.get("dicom")
     if not datasets:
-        raise InvalidVolumeError(f"{SOURCE}: format=dicom-seg needs a DICOM series (a zip of its files); "
-                                 "a NIfTI upload has no DICOM instances to reference")
+        raise InvalidVolumeError(
+            f"{SOURCE}: format=dicom-seg needs a DICOM series (a zip of its files); "
+            "a NIfTI upload has no DICOM instances to reference"
+        )
     return segmentation_to_bytes(build_segmentation(labels, datasets, model_version))
 
 
 # ``?format=`` of POST /v1/segment.
 OutputFormat = Annotated[
     Literal["nifti", "dicom-seg"],
-    Query(alias="format", description="nifti: label map .nii.gz; dicom-seg: a DICOM Segmentation of an uploaded DICOM series"),
+    Query(
+        alias="format",
+        description="nifti: label map .nii.gz; dicom-seg: a DICOM Segmentation of an uploaded DICOM series",
+    ),
 ]
 
 

@@ -72,7 +72,7 @@ class OodAssessor:
 
 
 def ood_headers(ood: dict | None) -> dict[str, str]:
-    """``X-OOD-Score``, ``X-OOD-Threshold``, ``X-OOD-Warning``, ``X-OOD-Nearest-Site``, ``X-OOD-Expected-Tissue-Dice``."""
+    """Response headers ``X-OOD-Score``, ``-Threshold``, ``-Warning``, ``-Nearest-Site``, ``-Expected-Tissue-Dice``."""
     if ood is None:
         return {}
     headers = {

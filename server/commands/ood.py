@@ -14,7 +14,9 @@ HELP = "compute each site's aggregate intensity summary and store it with a mode
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="data", help="folder of site folders (each with imagesTr/)")
-    parser.add_argument("--sites", default=None, help="comma-separated site folder names; none: every site under --data")
+    parser.add_argument(
+        "--sites", default=None, help="comma-separated site folder names; none: every site under --data"
+    )
     parser.add_argument("--registry", default="runs/registry", help="model registry folder")
     parser.add_argument("--model", default=None, help="registry version; none: the served model")
 

@@ -16,11 +16,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--series", default=None, help="SeriesInstanceUID; none: the study's only MR series")
     parser.add_argument("--registry", default="runs/registry", help="model registry folder")
     parser.add_argument("--model", default=None, help="registry version; none: the served model")
-    parser.add_argument("--max-voxels", type=int, default=512**3, help="largest series accepted (checked from its metadata)")
+    parser.add_argument(
+        "--max-voxels", type=int, default=512**3, help="largest series accepted (checked from its metadata)"
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each PACS request")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.epilog = ("A PACS that needs a login: put the Authorization header value in FEDMRI_PACS_AUTHORIZATION "
-                     "(read from the environment only, so it never shows in the process list).")
+    parser.epilog = (
+        "A PACS that needs a login: put the Authorization header value in FEDMRI_PACS_AUTHORIZATION "
+        "(read from the environment only, so it never shows in the process list)."
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,9 +49,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(vars(result), indent=2))
         return 0
-    print(f"segmented series {result.series_uid} ({result.instances} instances, {'x'.join(map(str, result.shape))}) "
-          f"with model {result.model_version}")
+    print(
+        f"segmented series {result.series_uid} ({result.instances} instances, {'x'.join(map(str, result.shape))}) "
+        f"with model {result.model_version}"
+    )
     for row in result.labels:
         print(f"  {row['name']:<13} {row['ml']:10.2f} mL")
-    print(f"stored DICOM SEG {result.seg_sop_instance_uid} (series {result.seg_series_uid}) in study {result.study_uid}")
+    print(
+        f"stored DICOM SEG {result.seg_sop_instance_uid} (series {result.seg_series_uid}) in study {result.study_uid}"
+    )
     return 0

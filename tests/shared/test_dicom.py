@@ -15,8 +15,16 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 
-from shared.dicom import (LPS_TO_RAS, ZipLimits, build_segmentation, make_mr_series, read_series_zip, segmentation_to_bytes,
-                          series_to_volume, series_to_zip)
+from shared.dicom import (
+    LPS_TO_RAS,
+    ZipLimits,
+    build_segmentation,
+    make_mr_series,
+    read_series_zip,
+    segmentation_to_bytes,
+    series_to_volume,
+    series_to_zip,
+)
 from shared.errors import InvalidVolumeError
 from shared.labels import LABELS
 
@@ -65,7 +73,7 @@ def test_round_trip_keeps_values_and_geometry(tmp_path, per_slice):
 
 @pytest.mark.parametrize("s, b", [(4.0, -300.0), (0.25, 500.0), (0.01, -3.0)])
 def test_rescale_is_linear_so_scanner_affines_pass_through(tmp_path, s, b):
-    """Changing only RescaleSlope/Intercept by s*x+b changes the volume by exactly s*x+b: no clipping or per-slice scaling."""
+    """Rescale tags mapped by s*x+b map the volume by exactly s*x+b: no clipping, no per-slice scaling."""
     datasets = make_mr_series(_volume(), OBLIQUE, per_slice_rescale=True)
     base, _ = series_to_volume(copy.deepcopy(datasets))
     for ds in datasets:
@@ -84,7 +92,9 @@ def _small_series(name="MR_small.dcm", n=5) -> list:
     for k in range(n):
         ds = copy.deepcopy(first)
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.ImagePositionPatient = [f"{v:.4f}" for v in np.asarray([float(v) for v in first.ImagePositionPatient]) + 0.8 * k * normal]
+        ds.ImagePositionPatient = [
+            f"{v:.4f}" for v in np.asarray([float(v) for v in first.ImagePositionPatient]) + 0.8 * k * normal
+        ]
         out.append(ds)
     return out
 
@@ -167,13 +177,26 @@ def _shifted_in_plane(datasets):
         (_duplicate_position, r"duplicate slices: 2 slices share a position"),
         (_uneven, r"non-uniform slice spacing \(2 to 2.6 mm\)"),
         (_non_image, r"zip entry 12 is not an image \(Comprehensive SR Storage, no pixel data\)"),
-        (_undecodable, r"compressed transfer syntax 'JPEG Lossless, Non-Hierarchical, First-Order Prediction.*cannot decode"),
+        (
+            _undecodable,
+            r"compressed transfer syntax 'JPEG Lossless, Non-Hierarchical, First-Order Prediction.*cannot decode",
+        ),
         (_ct, r"zip entry 2 has modality 'CT'; expected MR"),
         (_shifted_in_plane, r"slice positions do not lie on one line"),
         (lambda d: d[:1], r"a series of 1 slice is 2-D"),
     ],
-    ids=["mixed", "missing", "duplicate-instance", "duplicate-position", "uneven", "non-image", "undecodable", "ct",
-         "not-a-stack", "one-slice"],
+    ids=[
+        "mixed",
+        "missing",
+        "duplicate-instance",
+        "duplicate-position",
+        "uneven",
+        "non-image",
+        "undecodable",
+        "ct",
+        "not-a-stack",
+        "one-slice",
+    ],
 )
 def test_bad_series_are_named(tmp_path, corrupt, message):
     datasets = corrupt(make_mr_series(_volume(), OBLIQUE))
@@ -232,8 +255,13 @@ def test_segmentation_reads_back_voxel_by_voxel_with_snomed_codes(tmp_path):
     import highdicom as hd
 
     volume = _volume()
-    extra = {"PatientAddress": "1 Main Street", "OtherPatientIDs": "OTHER-99", "InstitutionName": "General Hospital",
-             "PatientAge": "042Y", "PatientComments": "secret"}
+    extra = {
+        "PatientAddress": "1 Main Street",
+        "OtherPatientIDs": "OTHER-99",
+        "InstitutionName": "General Hospital",
+        "PatientAge": "042Y",
+        "PatientComments": "secret",
+    }
     datasets = make_mr_series(volume, OBLIQUE, patient_name="Doe^Jane", patient_id="PID-4711", extra=extra)
     _, meta = read_series_zip(_zip(tmp_path, datasets))
     labels = np.random.default_rng(0).integers(0, 4, volume.shape).astype(np.uint8)
@@ -246,13 +274,18 @@ def test_segmentation_reads_back_voxel_by_voxel_with_snomed_codes(tmp_path):
     source_uids = [ds.SOPInstanceUID for ds in datasets]
     assert {uid for _, _, uid in seg.get_source_image_uids()} == set(source_uids)
     frames = seg.get_pixels_by_source_instance(source_uids, combine_segments=True, relabel=False)
-    for k, uid in enumerate(source_uids):  # make_mr_series slice k is voxel plane k
+    for k in range(len(source_uids)):  # make_mr_series slice k is voxel plane k
         expected = np.where(labels[:, :, k].T > 0, labels[:, :, k].T, 0)
         np.testing.assert_array_equal(frames[k], expected)
-    described = {int(d.SegmentNumber): (d.SegmentLabel, d.SegmentedPropertyTypeCodeSequence[0]) for d in seg.SegmentSequence}
+    described = {
+        int(d.SegmentNumber): (d.SegmentLabel, d.SegmentedPropertyTypeCodeSequence[0]) for d in seg.SegmentSequence
+    }
     assert {n: label for n, (label, _) in described.items()} == {k: LABELS[k] for k in (1, 2, 3)}
     assert {n: (c.CodingSchemeDesignator, c.CodeValue) for n, (_, c) in described.items()} == {
-        1: ("SCT", "389081007"), 2: ("SCT", "389080008"), 3: ("SCT", "52988006")}
+        1: ("SCT", "389081007"),
+        2: ("SCT", "389080008"),
+        3: ("SCT", "52988006"),
+    }
     # Only what the SEG IOD requires of the patient is copied; nothing else from the source header.
     assert str(seg.PatientName) == "Doe^Jane" and seg.PatientID == "PID-4711"
     for keyword in extra:

@@ -7,8 +7,20 @@ import pytest
 
 from shared.data import find_cases
 from shared.io import load_volume
-from shared.ood import (FEATURES, THRESHOLD, _in_signal_range, assess, build_record, expected_tissue_dice, intensity_summary,
-                        read_ood, site_from_metrics, site_metrics, site_reference_from_dir, write_ood)
+from shared.ood import (
+    FEATURES,
+    THRESHOLD,
+    _in_signal_range,
+    assess,
+    build_record,
+    expected_tissue_dice,
+    intensity_summary,
+    read_ood,
+    site_from_metrics,
+    site_metrics,
+    site_reference_from_dir,
+    write_ood,
+)
 from shared.scanner import ScannerProfile
 
 
@@ -21,7 +33,9 @@ def record(tiny_data_dir):
 
 @pytest.fixture(scope="module")
 def test_scans(tiny_data_dir):
-    return {p.name: load_volume(find_cases(p, "test")[0]["image"])[0] for p in sorted(tiny_data_dir.iterdir()) if p.is_dir()}
+    return {
+        p.name: load_volume(find_cases(p, "test")[0]["image"])[0] for p in sorted(tiny_data_dir.iterdir()) if p.is_dir()
+    }
 
 
 @pytest.mark.parametrize("s, b", [(1.0, 0.0), (4.0, -300.0), (0.25, 500.0), (0.01, -3.0), (50.0, 1e4)])
@@ -84,8 +98,9 @@ def test_expected_tissue_dice_reads_the_reports_stop_table(record):
     levels = {(s["kind"], s["level"]): s["score"] for s in record["stops"]}
     report = {
         "sites": [{"site": "site-a", "dice": {"tissue": {"mean": 0.8}}}],
-        "invariance": {"stops": [{"kind": k, "level": lv, "dice_mean": 1.0 - 0.1 * i}
-                                 for i, (k, lv) in enumerate(levels)]},
+        "invariance": {
+            "stops": [{"kind": k, "level": lv, "dice_mean": 1.0 - 0.1 * i} for i, (k, lv) in enumerate(levels)]
+        },
     }
     assert expected_tissue_dice(0.0, "site-a", record, report) == pytest.approx(0.8)
     at_gamma_05 = levels[("gamma", 0.5)]

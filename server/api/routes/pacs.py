@@ -42,8 +42,9 @@ def get_pacs_settings() -> PacsSettings:
 
 class PacsRequest(BaseModel):
     study: str = Field(max_length=64, pattern=_UID, description="StudyInstanceUID on the PACS")
-    series: str | None = Field(default=None, max_length=64, pattern=_UID,
-                               description="SeriesInstanceUID (default: the study's only MR series)")
+    series: str | None = Field(
+        default=None, max_length=64, pattern=_UID, description="SeriesInstanceUID (default: the study's only MR series)"
+    )
 
 
 class PacsResponse(BaseModel):
@@ -62,9 +63,13 @@ router = APIRouter(
     prefix="/v1/pacs",
     tags=["pacs"],
     dependencies=[Depends(require_api_key)],
-    responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse, "description": "unknown model, study or series"}, 422: {"model": ErrorResponse},
-               502: {"model": ErrorResponse, "description": "the PACS refused a request or cannot be reached"},
-               503: {"model": ErrorResponse, "description": "no PACS configured (FEDMRI_PACS_URL) or no model loaded"}},
+    responses={
+        401: {"model": ErrorResponse},
+        404: {"model": ErrorResponse, "description": "unknown model, study or series"},
+        422: {"model": ErrorResponse},
+        502: {"model": ErrorResponse, "description": "the PACS refused a request or cannot be reached"},
+        503: {"model": ErrorResponse, "description": "no PACS configured (FEDMRI_PACS_URL) or no model loaded"},
+    },
 )
 
 
@@ -75,7 +80,9 @@ async def pacs_segment(
     settings: SettingsDep,
     store: ModelStoreDep,
     pacs: Annotated[PacsSettings, Depends(get_pacs_settings)],
-    version: Annotated[str | None, Query(alias="model", max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = None,
+    version: Annotated[
+        str | None, Query(alias="model", max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    ] = None,
 ) -> PacsResponse:
     """Fetch one MR series of a study (WADO-RS), segment it and store the DICOM SEG in that study (STOW-RS)."""
     import anyio
@@ -83,17 +90,24 @@ async def pacs_segment(
     from server.pacs import PacsError, SeriesLookupError, dicomweb_client, round_trip
 
     if not pacs.pacs_url:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no PACS configured: set FEDMRI_PACS_URL to its DICOMweb root")
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, "no PACS configured: set FEDMRI_PACS_URL to its DICOMweb root"
+        )
     try:
         model = await run_in_threadpool(store.get, version)
     except (ModelNotFoundError, ModelLoadError) as exc:
         code = status.HTTP_404_NOT_FOUND if version is not None and isinstance(exc, ModelNotFoundError) else 503
         raise HTTPException(code, str(exc)) from None
-    client = dicomweb_client(pacs.pacs_url, pacs.pacs_timeout_s,
-                             {"Authorization": pacs.pacs_authorization} if pacs.pacs_authorization else None)
+    client = dicomweb_client(
+        pacs.pacs_url,
+        pacs.pacs_timeout_s,
+        {"Authorization": pacs.pacs_authorization} if pacs.pacs_authorization else None,
+    )
 
     def work():
-        return round_trip(client, body.study, model, body.series, settings.max_voxels, settings.sw_overlap, settings.sw_batch_size)
+        return round_trip(
+            client, body.study, model, body.series, settings.max_voxels, settings.sw_overlap, settings.sw_batch_size
+        )
 
     try:
         result = await anyio.to_thread.run_sync(work, limiter=request.app.state.inference_limiter)
@@ -101,6 +115,14 @@ async def pacs_segment(
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     except PacsError as exc:
         raise HTTPException(status.HTTP_502_BAD_GATEWAY, str(exc)) from None
-    return PacsResponse(model_version=result.model_version, study=result.study_uid, series=result.series_uid,
-                        seg_series=result.seg_series_uid, seg_instance=result.seg_sop_instance_uid,
-                        instances=result.instances, shape=list(result.shape), labels=result.labels, timings=result.timings)
+    return PacsResponse(
+        model_version=result.model_version,
+        study=result.study_uid,
+        series=result.series_uid,
+        seg_series=result.seg_series_uid,
+        seg_instance=result.seg_sop_instance_uid,
+        instances=result.instances,
+        shape=list(result.shape),
+        labels=result.labels,
+        timings=result.timings,
+    )

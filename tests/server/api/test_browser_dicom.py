@@ -16,8 +16,15 @@ from shared.scanner import ScannerProfile
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-dev-shm-usage", "--window-size=1280,1000")
+CHROMIUM_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,1000",
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +59,8 @@ def _upload(browser, path: Path) -> str:
     browser.find_element(By.ID, "file").send_keys(str(path))
     browser.find_element(By.ID, "submit").click()
     WebDriverWait(browser, 180).until(
-        lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
+        lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error")
+    )
     return browser.find_element(By.TAG_NAME, "body").get_attribute("data-state")
 
 
@@ -76,7 +84,9 @@ def test_dicom_zip_upload_and_ood_warning_in_headless_chromium(live_server, site
             canvas = browser.find_element(By.ID, f"view-{plane}")
             assert canvas.is_displayed() and int(canvas.get_attribute("data-overlay-pixels")) > 0, plane
         rows = browser.find_elements(By.CSS_SELECTOR, "#volumes tbody tr")
-        shown = {r.find_elements(By.TAG_NAME, "td")[1].text: float(r.find_elements(By.TAG_NAME, "td")[2].text) for r in rows}
+        shown = {
+            r.find_elements(By.TAG_NAME, "td")[1].text: float(r.find_elements(By.TAG_NAME, "td")[2].text) for r in rows
+        }
         assert shown["grey matter"] > 0 and shown["white matter"] > 0
         ood = browser.find_element(By.ID, "ood")
         assert ood.is_displayed() and ood.get_attribute("class") == "ok", ood.text
@@ -87,7 +97,9 @@ def test_dicom_zip_upload_and_ood_warning_in_headless_chromium(live_server, site
         assert ood.text.startswith("Warning: this scan's intensities are unlike every training site")
         browser.save_screenshot(str(tmp_path / "web-ui-dicom-ood.png"))
         if os.environ.get("FEDMRI_SAVE_SCREENSHOT"):
-            shutil.copy(tmp_path / "web-ui-dicom-ood.png", Path(__file__).resolve().parents[3] / "docs" / "web-ui-dicom-ood.png")
+            shutil.copy(
+                tmp_path / "web-ui-dicom-ood.png", Path(__file__).resolve().parents[3] / "docs" / "web-ui-dicom-ood.png"
+            )
 
         # A zip with two series: the page shows the service's reason.
         other = make_mr_series(np.ones((8, 8, 3), np.float32), np.diag([2.0, 2, 2, 1]))

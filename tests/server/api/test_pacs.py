@@ -7,7 +7,6 @@ tests run as root with apt-get; otherwise the module is skipped with the reason.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -65,15 +64,24 @@ def orthanc(tmp_path_factory):
     """A throwaway Orthanc on 127.0.0.1; yields its DICOMweb root URL."""
     binary = _install_orthanc()
     if binary is None:
-        pytest.skip("Orthanc with its DICOMweb plugin is not installed and cannot be (needs root and apt-get: "
-                    "apt-get install orthanc orthanc-dicomweb)")
+        pytest.skip(
+            "Orthanc with its DICOMweb plugin is not installed and cannot be (needs root and apt-get: "
+            "apt-get install orthanc orthanc-dicomweb)"
+        )
     work = tmp_path_factory.mktemp("orthanc")
     http_port, dicom_port = _free_port(), _free_port()
     config = {
-        "Name": "fedmri-test", "StorageDirectory": str(work / "db"), "IndexDirectory": str(work / "db"),
-        "HttpPort": http_port, "DicomPort": dicom_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-        "HttpBindAddress": "127.0.0.1", "DicomServerEnabled": False,
-        "Plugins": [str(_plugin())], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "Name": "fedmri-test",
+        "StorageDirectory": str(work / "db"),
+        "IndexDirectory": str(work / "db"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "HttpBindAddress": "127.0.0.1",
+        "DicomServerEnabled": False,
+        "Plugins": [str(_plugin())],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
     }
     (work / "orthanc.json").write_text(json.dumps(config))
     log = (work / "orthanc.log").open("w")
@@ -120,17 +128,36 @@ def _seg_series(url: str, study: str) -> list[dict]:
 def mni_series(site_case):
     """A synthetic MR series made with pydicom from an MNI152-derived subject (site-b's test case, scanner 4x - 300)."""
     img = nib.load(site_case[0])
-    return make_mr_series(np.asarray(img.dataobj, dtype=np.float32), img.affine, patient_name="Synthetic^Pacs",
-                          patient_id="PACS-1")
+    return make_mr_series(
+        np.asarray(img.dataobj, dtype=np.float32), img.affine, patient_name="Synthetic^Pacs", patient_id="PACS-1"
+    )
 
 
-def test_cli_round_trip_stores_a_seg_that_matches_the_upload_answer(orthanc, mni_series, api_registry, client, tmp_path):
+def test_cli_round_trip_stores_a_seg_that_matches_the_upload_answer(
+    orthanc, mni_series, api_registry, client, tmp_path
+):
     _stow(orthanc, mni_series)
     study, series = mni_series[0].StudyInstanceUID, mni_series[0].SeriesInstanceUID
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDMRI_")}
     done = subprocess.run(
-        [sys.executable, "-m", "server.cli", "pacs", "--url", orthanc, "--study", study, "--registry", str(api_registry),
-         "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "pacs",
+            "--url",
+            orthanc,
+            "--study",
+            study,
+            "--registry",
+            str(api_registry),
+            "--json",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)

@@ -20,8 +20,14 @@ def site_series(site_case):
     """site-b's test subject (scanner 4x - 300) as an MR series, with extra identifiers that must not leak."""
     img = nib.load(site_case[0])
     volume = np.asarray(img.dataobj, dtype=np.float32)
-    datasets = make_mr_series(volume, img.affine, per_slice_rescale=True, patient_name="Doe^Jane", patient_id="PID-4711",
-                              extra={"PatientAddress": "1 Main Street", "InstitutionName": "General Hospital"})
+    datasets = make_mr_series(
+        volume,
+        img.affine,
+        per_slice_rescale=True,
+        patient_name="Doe^Jane",
+        patient_id="PID-4711",
+        extra={"PatientAddress": "1 Main Street", "InstitutionName": "General Hospital"},
+    )
     return volume, img.affine, datasets
 
 
@@ -37,7 +43,9 @@ def test_series_gets_the_nifti_paths_answer(client, site_series, nifti_bytes, re
     assert out.shape == volume.shape
     np.testing.assert_allclose(out.affine, affine, atol=1e-4)
     # The same voxels as NIfTI: only the 16-bit quantisation of the series may move a label.
-    reference = read_nifti(client.post("/v1/segment", files={"file": ("v.nii.gz", nifti_bytes(volume, affine))}).content)
+    reference = read_nifti(
+        client.post("/v1/segment", files={"file": ("v.nii.gz", nifti_bytes(volume, affine))}).content
+    )
     agreement = float((np.asarray(out.dataobj) == np.asarray(reference.dataobj)).mean())
     assert agreement > 0.995, agreement
     assert np.isin(np.asarray(out.dataobj), [1, 2]).mean() > 0.1  # the tiny model finds tissue
@@ -104,8 +112,11 @@ def test_dicom_seg_equals_the_nifti_result_voxel_by_voxel(client, site_series, r
 
 
 def test_dicom_seg_needs_a_dicom_upload(client, nifti_bytes, phantom):
-    response = client.post("/v1/segment", params={"format": "dicom-seg"},
-                           files={"file": ("v.nii.gz", nifti_bytes(phantom(), np.diag([3.0, 3, 3, 1])))})
+    response = client.post(
+        "/v1/segment",
+        params={"format": "dicom-seg"},
+        files={"file": ("v.nii.gz", nifti_bytes(phantom(), np.diag([3.0, 3, 3, 1])))},
+    )
     assert response.status_code == 422
     assert "format=dicom-seg needs a DICOM series" in response.json()["detail"]
 

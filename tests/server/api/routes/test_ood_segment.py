@@ -16,7 +16,7 @@ from shared.scanner import ScannerProfile
 
 @pytest.fixture(scope="module")
 def ood_registry(api_registry, tiny_data_dir, tmp_path_factory):
-    """A copy of the API registry whose served model has an ood.json from the tiny sites, and a report with its stop table."""
+    """A copy of the API registry; its served model has an ood.json from the tiny sites and a report with stops."""
     root = tmp_path_factory.mktemp("ood")
     registry = root / "registry"
     shutil.copytree(api_registry, registry)
@@ -25,10 +25,20 @@ def ood_registry(api_registry, tiny_data_dir, tmp_path_factory):
     write_ood(registry, "tiny", record)
     reports = root / "reports"
     (reports / "tiny").mkdir(parents=True)
-    agreement = {("gamma", 0.85): 0.99, ("gamma", 0.7): 0.97, ("gamma", 0.5): 0.9, ("gamma", 0.35): 0.75,
-                 ("bias", 0.1): 0.99, ("bias", 0.2): 0.98, ("bias", 0.35): 0.93, ("bias", 0.5): 0.85}
-    report = {"sites": [{"site": name, "dice": {"tissue": {"mean": 0.8}}} for name in sites],
-              "invariance": {"stops": [{"kind": k, "level": lv, "dice_mean": d} for (k, lv), d in agreement.items()]}}
+    agreement = {
+        ("gamma", 0.85): 0.99,
+        ("gamma", 0.7): 0.97,
+        ("gamma", 0.5): 0.9,
+        ("gamma", 0.35): 0.75,
+        ("bias", 0.1): 0.99,
+        ("bias", 0.2): 0.98,
+        ("bias", 0.35): 0.93,
+        ("bias", 0.5): 0.85,
+    }
+    report = {
+        "sites": [{"site": name, "dice": {"tissue": {"mean": 0.8}}} for name in sites],
+        "invariance": {"stops": [{"kind": k, "level": lv, "dice_mean": d} for (k, lv), d in agreement.items()]},
+    }
     (reports / "tiny" / "report.json").write_text(json.dumps(report))
     return {"registry": registry, "reports": reports, "record": record}
 
@@ -56,8 +66,12 @@ def test_affine_shifted_scan_gets_no_warning(ood_client, scan, nifti_bytes, s, b
     assert response.headers["x-ood-warning"] == "false"
 
 
-@pytest.mark.parametrize("profile", [ScannerProfile(gamma=0.3), ScannerProfile(bias_strength=0.9)], ids=["gamma", "bias"])
-def test_strong_gamma_or_bias_field_gets_a_warning_in_json_and_headers(ood_client, scan, nifti_bytes, read_nifti, profile):
+@pytest.mark.parametrize(
+    "profile", [ScannerProfile(gamma=0.3), ScannerProfile(bias_strength=0.9)], ids=["gamma", "bias"]
+)
+def test_strong_gamma_or_bias_field_gets_a_warning_in_json_and_headers(
+    ood_client, scan, nifti_bytes, read_nifti, profile
+):
     volume, affine = scan
     distorted = (4.0 * _in_signal_range(volume, profile, np.random.default_rng(0)) - 300.0).astype(np.float32)
     content = nifti_bytes(distorted, affine)
