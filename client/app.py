@@ -6,6 +6,10 @@ a deployment, or from ``sites[partition-id]`` under the run config's ``data-dir`
 
 from __future__ import annotations
 
+# isort: off
+from client import timing  # first: marks when this module's imports begin (bench/bench_native.py)
+# isort: on
+import logging
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -15,17 +19,21 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from shared.cache import DEFAULT_CACHE_NAME, SiteCache, use_site_cache
 from shared.data import DataConfig, make_train_loader, reseed_loader, sampling_seed
 from shared.errors import InvalidSiteError
+from shared.inferer import resolve_device
 from shared.model import build_unet, norm_parameter_names, split_norm_state
 from shared.runconfig import RunConfig
 from shared.site_state import load_local_state, local_state_path, save_local_state
 from shared.training import DEFAULT_LR_SCHEDULE, evaluate, load_site, planned_steps, train_epochs
 
-from shared.inferer import resolve_device
+timing.imports_done()
 app = ClientApp()
+log = logging.getLogger(__name__)
 
 LOCAL_NORM_KEY = "fedbn-local-norm"
+EARLY_EVAL_PREFIX = "eval/"  # as server.federation.strategy.EARLY_EVAL_PREFIX (not imported: server code)
 
 
 def _site_of(context: Context, cfg: RunConfig) -> tuple[str, Path]:
@@ -45,11 +53,55 @@ def _site_of(context: Context, cfg: RunConfig) -> tuple[str, Path]:
 
 
 @lru_cache(maxsize=4)
-def _site_data(data_dir: str, data_cfg: tuple, seed: int):
-    """Validated split and a cached loader; reused while a simulation actor serves the same site."""
+def _site_data(data_dir: str, data_cfg: tuple, seed: int, cache_root: str = ""):
+    """Validated split and a cached loader; reused while a simulation actor serves the same site.
+    Preprocessed volumes come from the site's disk cache when ``cache_root`` is set (a fresh native process)."""
     cfg = DataConfig(**dict(data_cfg))
     split = load_site(data_dir, cfg, seed=seed)
-    return split, make_train_loader(split.train, cfg, seed=seed)
+    with use_site_cache(_cache_at(cache_root)):
+        return split, make_train_loader(split.train, cfg, seed=seed)
+
+
+_CACHES: dict[str, SiteCache] = {}
+
+
+def _cache_at(root: str) -> SiteCache | None:
+    """One SiteCache per folder and process (its ``stats`` count this process's hits and builds)."""
+    if root and root not in _CACHES:
+        _CACHES[root] = SiteCache(root)
+    return _CACHES.get(root) if root else None
+
+
+def _cache_root(context: Context, data_dir: Path) -> str:
+    """The site's own cache folder: node config ``cache-dir``, else ``<data-dir>/.fedmri-cache``; "" when the
+    run config turns it off (``site-cache = false``) or the folder is not writable (e.g. a read-only data mount)."""
+    if not _flag(context.run_config.get("site-cache", True)) or not Path(data_dir).is_dir():
+        return ""  # (a missing site folder is reported by the loader, and nothing is created for it)
+    root = str(context.node_config.get("cache-dir", "") or Path(data_dir) / DEFAULT_CACHE_NAME)
+    if not SiteCache(root).usable():
+        log.warning("site cache %s is not writable: preprocessing every message (set node config cache-dir)", root)
+        return ""
+    return root
+
+
+def _flag(value) -> bool:
+    return value.lower() == "true" if isinstance(value, str) else bool(value)
+
+
+def _set_threads(context: Context) -> None:
+    """torch threads from this site's CPU budget (node config ``cpus``); untouched when it is not given."""
+    cpus = int(context.node_config.get("cpus", 0) or 0)
+    if cpus > 0 and torch.get_num_threads() != cpus:
+        torch.set_num_threads(cpus)
+        try:
+            torch.set_num_interop_threads(cpus)
+        except RuntimeError:  # only possible before the first parallel op; a reused actor has run one
+            pass
+
+
+def _cache_counts() -> dict[str, int]:
+    """Site-cache reads and builds so far in this process."""
+    return {k: sum(c.stats[k] for c in _CACHES.values()) for k in ("hits", "built")}
 
 
 @contextmanager
@@ -63,18 +115,21 @@ def _named(site: str):
 
 
 def _load(context: Context, msg: Message):
+    _set_threads(context)
     cfg = RunConfig.from_run_config(context.run_config)
     site, data_dir = _site_of(context, cfg)
     data_cfg = cfg.data_config()
+    cache_root = _cache_root(context, data_dir)
     with _named(site):
-        split, loader = _site_data(str(data_dir), tuple(sorted((k, v) for k, v in vars(data_cfg).items())), cfg.seed)
+        split, loader = _site_data(str(data_dir), tuple(sorted((k, v) for k, v in vars(data_cfg).items())), cfg.seed,
+                                   cache_root)
     torch.manual_seed(cfg.seed)  # same initial norm layers at every site
     model = build_unet(cfg.network_config())
     if cfg.fedbn and LOCAL_NORM_KEY not in context.state:
         _restore_local(context, cfg, data_dir, msg)
     with _named(site):
         _apply_global(model, msg.content["arrays"].to_torch_state_dict(), context, cfg)
-    return cfg, site, split, loader, model
+    return cfg, site, split, loader, model, cache_root
 
 
 def _restore_local(context: Context, cfg: RunConfig, data_dir: Path, msg: Message) -> None:
@@ -109,8 +164,18 @@ def _corrupt(state: dict, kind: str) -> dict:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this site's training cases."""
-    cfg, site, split, loader, model = _load(context, msg)
+    """Train the received global model on this site's training cases.
+
+    With ``evaluate-first`` in the message config (eval-with-train), the received model is evaluated
+    on the validation cases before training and the metrics come back with ``eval/`` prefixes.
+    """
+    watch, counts = timing.Stopwatch(), _cache_counts()
+    cfg, site, split, loader, model, cache_root = _load(context, msg)
+    watch.lap("data")
+    early = {}
+    if _flag(msg.content["config"].get("evaluate-first", False)):
+        early = {f"{EARLY_EVAL_PREFIX}{k}": v for k, v in _evaluate(cfg, site, split, model, cache_root).items()}
+        watch.lap("eval")
     round_ = int(msg.content["config"].get("global-round", msg.content["config"].get("server-round", 1)))
     torch.manual_seed(cfg.seed * 1000 + round_)
     reseed_loader(loader, sampling_seed(cfg.seed, site, round_))  # new crops every round, in both modes
@@ -127,6 +192,7 @@ def train(msg: Message, context: Context) -> Message:
             lr_schedule=getattr(cfg, "lr_schedule", DEFAULT_LR_SCHEDULE),  # decays over all rounds
             step_offset=(round_ - 1) * per_round, total_steps=cfg.num_server_rounds * per_round,
         )
+    watch.lap("train")
     state = model.state_dict()
     if cfg.fedbn:
         _, local = split_norm_state(state, norm_parameter_names(model))
@@ -144,21 +210,40 @@ def train(msg: Message, context: Context) -> Message:
         "lr_last": stats["lr_last"],
         "crop_fingerprint": stats["crop_fingerprint"],
         "num-examples": len(split.train),
+        **early,
     })
-    content = RecordDict({"arrays": ArrayRecord(torch_state_dict=state), "metrics": metrics,
-                          "site": ConfigRecord({"name": site})})
+    arrays = ArrayRecord(torch_state_dict=state)
+    watch.lap("serialize")
+    metrics.update({**_cache_delta(counts), "threads": torch.get_num_threads(), **watch.metrics()})
+    content = RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"name": site})})
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Per-label Dice (and HD95 when configured) of the global model on this site's validation cases."""
-    cfg, site, split, _, model = _load(context, msg)
+    watch, counts = timing.Stopwatch(), _cache_counts()
+    cfg, site, split, _, model, cache_root = _load(context, msg)
+    watch.lap("data")
+    metrics = _evaluate(cfg, site, split, model, cache_root)
+    watch.lap("eval")
+    metrics.update({**_cache_delta(counts), **watch.metrics()})
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site})})
+    return Message(content=content, reply_to=msg)
+
+
+def _evaluate(cfg: RunConfig, site: str, split, model: torch.nn.Module, cache_root: str) -> dict:
+    """Dice (HD95) of ``model`` on the site's validation cases (its training cases if it has no other)."""
     cases, on_train = (split.val, 0) if split.val else (split.train, 1)  # one-case sites: no held-out case
-    with _named(site):
+    with _named(site), use_site_cache(_cache_at(cache_root)):
         result = evaluate(model, cases, cfg.data_config(), hd95=cfg.hd95)
     metrics = {k: (v if np.isfinite(v) else float("nan")) for k, v in result.flat().items()}
     metrics.update({"eval_on_train": on_train, "num-examples": len(cases)})
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site})})
-    return Message(content=content, reply_to=msg)
+    return metrics
+
+
+def _cache_delta(before: dict[str, int]) -> dict[str, int]:
+    """This message's site-cache reads and builds (the volumes a fresh process found ready, or had to make)."""
+    after = _cache_counts()
+    return {"cache_hits": after["hits"] - before["hits"], "cache_built": after["built"] - before["built"]}
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from server.federation import run_federation
-from server.federation.runlog import round_records
+from shared.runlog import round_records
 from shared.registry import read_meta, served_version
 
 from .helpers import tiny_config
@@ -84,3 +84,18 @@ def test_every_flower_process_is_stopped(native_run):
     for pid, _ in seen["procs"].values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_round_2_reads_the_sites_disk_cache_and_carries_round_1s_evaluation(native_run):
+    """A fresh ClientApp process per message: round 2 finds every preprocessed volume on the site's disk,
+    and its one message per site also brings the evaluation of round 1's global model (eval-with-train)."""
+    result, _ = native_run
+    first, second = round_records(result.log_path)
+    for site in ("site-a", "site-b"):
+        train, evaluated = second["sites"][site]["train"], second["sites"][site]["eval"]
+        assert train["cache_hits"] >= train["num-examples"]  # every training volume read ready from disk
+        assert evaluated["cache_built"] == 0 and evaluated["cache_hits"] > train["num-examples"]  # train + val
+        assert train["threads"] >= 1 and train["time_train"] > 0 and train["time_process_start"] > 0
+        assert 0.0 <= first["sites"][site]["eval"]["dice_mean"] <= 1.0  # measured in round 2, filed under round 1
+        assert 0.0 <= second["sites"][site]["eval"]["dice_mean"] <= 1.0  # the last round's own evaluate message
+    assert first["eval_late"] and "eval" not in first["sites"][VICTIM]  # killed before it could report it

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.cache import SiteCache, use_site_cache
+from shared.cache import DEFAULT_CACHE_NAME, SiteCache, use_site_cache
 from shared.data import find_cases, make_eval_dataset, make_train_loader
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def site(tiny_data_dir, tmp_path) -> Path:
-    """A private copy of one tiny site (the tests change its files)."""
-    return Path(shutil.copytree(tiny_data_dir / "site-a", tmp_path / "site-a"))
+    """A private copy of one tiny site (the tests change its files), without the cache other tests gave it."""
+    return Path(shutil.copytree(tiny_data_dir / "site-a", tmp_path / "site-a",
+                                ignore=shutil.ignore_patterns(DEFAULT_CACHE_NAME)))
 
 
 def _items(cases, cfg, cache=None) -> list[dict]:
@@ -112,14 +113,14 @@ def test_an_unwritable_location_is_reported_unusable(tmp_path):
 def test_a_second_process_reads_what_the_first_wrote(site, tiny_data_config):
     """Two real interpreter processes, like two rounds of native Flower: the second builds nothing."""
     code = (
-        "import sys; from shared.cache import SiteCache, use_site_cache; from shared.data import DataConfig, find_cases, "
-        "make_eval_dataset\n"
+        "import sys; from shared.cache import SiteCache, use_site_cache\n"
+        "from shared.data import DataConfig, find_cases, make_eval_dataset\n"
         f"cfg = DataConfig(spacing={tiny_data_config.spacing}, roi_size={tiny_data_config.roi_size})\n"
         "cache = SiteCache(sys.argv[1] + '/.fedmri-cache')\n"
         "with use_site_cache(cache): list(make_eval_dataset(find_cases(sys.argv[1]), cfg))\n"
         "print(cache.stats['hits'], cache.stats['built'])\n"
     )
-    runs = [subprocess.run([sys.executable, "-c", code, str(site)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-            for _ in range(2)]
+    runs = [subprocess.run([sys.executable, "-c", code, str(site)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300) for _ in range(2)]
     n = len(find_cases(site))
     assert [r.stdout.split()[-2:] for r in runs] == [["0", str(n)], [str(n), "0"]], [r.stderr[-800:] for r in runs]

@@ -1,0 +1,255 @@
+"""Native (deployment) mode against the simulation on the same work, and where a native message's time goes.
+
+Runs the demo sites (``data/``, 4 hospitals) for ``--rounds`` rounds x ``--local-epochs`` in both
+modes through ``server.federation.run_federation`` (real flower-superlink / flower-supernode
+processes in native mode), native first with every site's disk cache emptied, so its round 1
+pays the cache build as a first deployment does. Per round: the ServerApp's round time from the
+run log. Per native message (site x round): the ClientApp's own marks (``client/timing.py``) and
+the ServerApp's send/arrival times (``server/federation/polling.py``), split into
+
+    dispatch     sent -> ClientApp process started (SuperNode's 3 s pull loop, SuperExec poll, spawn)
+    startup      process start -> client.app begins importing (interpreter, flwr-clientapp, FAB)
+    import       client.app's own imports (torch, flwr, shared.*)
+    flower_in    imports done -> handler entered (message and context pulled from the SuperNode)
+    data         run config, site data (split, disk cache -> loader), network built, weights loaded
+                 (MONAI's import happens here, on first use)
+    eval         evaluation of the received model (eval-with-train) or of the evaluate message
+    train        local epochs
+    serialize    state dict -> ArrayRecord
+    reply        handler returned -> reply at the ServerApp (Flower serialisation, push, polls)
+
+``native_round_over_sim`` = steady native round / steady simulation round (rounds 2..N-1, mean; see
+``summarize``); goal <= 1.5. Also ``python -X importtime -c "import client.app"``.
+Results: bench/results/native.{json,md}.
+Run: .venv/bin/python bench/bench_native.py [--rounds 3] [--local-epochs 1] [--data data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from server.federation import run_federation  # noqa: E402
+from shared.cache import DEFAULT_CACHE_NAME  # noqa: E402
+from shared.runlog import read_run_log  # noqa: E402
+
+PHASES = ("dispatch", "startup", "import", "flower_in", "data", "eval", "train", "serialize", "reply")
+
+
+def first_round_records(log_path: Path) -> dict[int, dict]:
+    """Each round's first record (its timing), with the evaluation of its latest record (eval-with-train)."""
+    out: dict[int, dict] = {}
+    for rec in read_run_log(log_path):
+        if rec.get("event") != "round":
+            continue
+        if rec["round"] in out:
+            for site, info in rec["sites"].items():
+                if "eval" in info:
+                    out[rec["round"]]["sites"].setdefault(site, {})["eval"] = info["eval"]
+        else:
+            out[rec["round"]] = rec
+    return out
+
+
+def breakdown(metrics: dict, extra_eval: dict | None = None) -> dict[str, float] | None:
+    """One message's phases (seconds) from the ClientApp's marks and the ServerApp's send/arrival times."""
+    need = ("time_sent", "time_arrived", "time_process_start", "time_reply")
+    if not all(isinstance(metrics.get(k), (int, float)) for k in need):
+        return None
+    parts = {
+        "dispatch": metrics["time_process_start"] - metrics["time_sent"],
+        "startup": metrics.get("time_startup", 0.0),
+        "import": metrics.get("time_import", 0.0),
+        "flower_in": metrics.get("time_before_handler", 0.0),
+        "data": metrics.get("time_data", 0.0),
+        "eval": metrics.get("time_eval", 0.0),
+        "train": metrics.get("time_train", 0.0),
+        "serialize": metrics.get("time_serialize", 0.0),
+        "reply": metrics["time_arrived"] - metrics["time_reply"],
+    }
+    parts["total"] = metrics["time_arrived"] - metrics["time_sent"]
+    return {k: round(v, 3) for k, v in parts.items()}
+
+
+def run_mode(mode: str, data: Path, work: Path, run_config: dict) -> dict:
+    out = work / mode
+    start = time.perf_counter()
+    result = run_federation(data, out, mode=mode, run_name=f"bench-{mode}", run_config=run_config, timeout=3600)
+    wall = time.perf_counter() - start
+    rounds = first_round_records(result.log_path)
+    seconds = [rounds[k]["seconds"] for k in sorted(rounds)]
+    messages = []
+    for k in sorted(rounds):
+        for site, info in sorted(rounds[k]["sites"].items()):
+            for phase in ("train", "eval"):
+                parts = breakdown(info.get(phase, {}))
+                if parts is not None:
+                    cache = {c: info[phase].get(c) for c in ("cache_hits", "cache_built")}
+                    messages.append({"round": k, "site": site, "message": phase, **parts, **cache})
+    last = rounds[max(rounds)]["sites"]
+    dice = {site: info.get("eval", {}).get("dice_mean") for site, info in last.items()}
+    return {"mode": mode, "wall_s": round(wall, 2), "round_s": seconds, "messages": messages, "final_dice": dice,
+            "eval_per_round": {k: {s: i.get("eval", {}).get("dice_mean") for s, i in rounds[k]["sites"].items()}
+                               for k in sorted(rounds)}}
+
+
+def import_times() -> dict[str, float]:
+    """Cumulative import time (s) of client.app and its biggest parts, and of MONAI (imported per message)."""
+    res = subprocess.run([sys.executable, "-X", "importtime", "-c", "import client.app; import monai.networks.nets"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    top: dict[str, float] = {}
+    for line in res.stderr.splitlines():
+        m = re.match(r"import time:\s+\d+ \|\s+(\d+) \|( +)(\S+)$", line)
+        if m and len(m.group(2)) <= 3:  # top-level and first-level modules
+            top[m.group(3)] = max(top.get(m.group(3), 0.0), int(m.group(1)) / 1e6)
+    keep = ["client.app", "torch", "flwr.app", "flwr.clientapp", "numpy", "shared.runconfig", "shared.data",
+            "shared.training", "shared.model", "shared.cache", "monai.networks.nets", "monai"]
+    return {k: round(top[k], 3) for k in keep if k in top}
+
+
+def summarize(sim: dict, native: dict, rounds: int) -> dict:
+    # Steady rounds: 2..N-1 (round 1 builds caches and warms up; with eval-with-train the last round
+    # also sends the run's one separate evaluate message). Fewer rounds: the last one.
+    middle = list(range(2, rounds)) or [rounds]
+    sim_steady = statistics.mean(sim["round_s"][k - 1] for k in middle)
+    native_steady = statistics.mean(native["round_s"][k - 1] for k in middle)
+    msgs = [m for m in native["messages"] if m["round"] in middle]
+    mean_parts = {p: round(statistics.mean(m[p] for m in msgs), 3) for p in (*PHASES, "total")} if msgs else {}
+    first = [m for m in native["messages"] if m["round"] == 1]
+    return {
+        "native_round_over_sim": round(native_steady / sim_steady, 3),
+        "goal": 1.5,
+        "goal_met": native_steady / sim_steady <= 1.5,
+        "sim_steady_round_s": round(sim_steady, 2),
+        "native_steady_round_s": round(native_steady, 2),
+        "native_first_round_s": native["round_s"][0],
+        "native_first_round_extra_s": round(native["round_s"][0] - native_steady, 2),
+        "native_last_round_s": native["round_s"][-1],
+        "steady_rounds": middle,
+        "sim_first_round_s": sim["round_s"][0],
+        "native_steady_message_mean_s": mean_parts,
+        "native_first_round_message_mean_s": {p: round(statistics.mean(m[p] for m in first), 3)
+                                              for p in (*PHASES, "total")} if first else {},
+    }
+
+
+def markdown(result: dict) -> str:
+    s = result["summary"]
+    lines = [
+        "# Native (deployment) mode vs simulation, and a native message's time",
+        "",
+        f"`bench/bench_native.py`, {result['when']}, {result['machine']}; load average before "
+        f"{result['loadavg_before']}, after {result['loadavg_after']} (a shared machine: absolute times are inflated).",
+        f"Work: the {len(result['sites'])} demo sites ({', '.join(result['sites'])}), {result['rounds']} rounds x "
+        f"{result['local_epochs']} local epoch, run config {json.dumps(result['run_config'])}; eval-with-train "
+        f"{result['eval_with_train']} (auto: evaluation rides on the next round's train message in native mode, "
+        "separate evaluate messages in the simulation, whose warm actors make them cheap). Each native site's "
+        "ClientApp gets an equal share of the cores as torch threads (node config cpus).",
+        "",
+        "| | simulation | native |",
+        "|---|---|---|",
+        f"| round times (s) | {', '.join(f'{x:.1f}' for x in result['simulation']['round_s'])} | "
+        f"{', '.join(f'{x:.1f}' for x in result['native']['round_s'])} |",
+        f"| steady round (rounds {s['steady_rounds']}, mean) | {s['sim_steady_round_s']} s | "
+        f"{s['native_steady_round_s']} s |",
+        f"| whole run (start-up included) | {result['simulation']['wall_s']} s | {result['native']['wall_s']} s |",
+        "",
+        f"**native_round_over_sim = {s['native_round_over_sim']}** (goal <= {s['goal']}: "
+        f"{'met' if s['goal_met'] else 'NOT met'}). Native first round {s['native_first_round_s']} s, "
+        f"{s['native_first_round_extra_s']} s more than a steady one (site caches built, cold page cache).",
+        "",
+        "## Where a native message's time goes (mean over sites, seconds)",
+        "",
+        "| phase | what | first round | steady rounds |",
+        "|---|---|---|---|",
+    ]
+    what = {
+        "dispatch": "sent -> ClientApp process started (SuperNode's 3 s pull loop, SuperExec poll, spawn)",
+        "startup": "interpreter + flwr-clientapp until client.app imports",
+        "import": "client.app imports (torch, flwr, shared.*)",
+        "flower_in": "message + context pulled by Flower before the handler",
+        "data": "config, site split, cached volumes -> loader, network (MONAI import), weights",
+        "eval": "evaluation of the received model (eval-with-train)",
+        "train": "local epoch(s)",
+        "serialize": "state dict -> ArrayRecord",
+        "reply": "reply -> ServerApp (Flower push + polls)",
+        "total": "sent -> reply arrived",
+    }
+    f, st = s["native_first_round_message_mean_s"], s["native_steady_message_mean_s"]
+    for p in (*PHASES, "total"):
+        lines.append(f"| {p} | {what[p]} | {f.get(p, '-')} | {st.get(p, '-')} |")
+    lines += ["", "Per message (native):", "",
+              "| round | site | message | " + " | ".join(PHASES) + " | total | cache hits/built |",
+              "|" + "---|" * (len(PHASES) + 5)]
+    for m in result["native"]["messages"]:
+        lines.append(f"| {m['round']} | {m['site']} | {m['message']} | " + " | ".join(f"{m[p]:.2f}" for p in PHASES)
+                     + f" | {m['total']:.2f} | {m.get('cache_hits')}/{m.get('cache_built')} |")
+    lines += ["", "`python -X importtime -c \"import client.app; import monai.networks.nets\"` (cumulative, s):", "",
+              "| module | s |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in result["import_times"].items()]
+    lines += ["", "Final-round Dice (mean over labels) per site, same in both modes up to float noise:", "",
+              "| site | simulation | native |", "|---|---|---|"]
+    for site in sorted(result["native"]["final_dice"]):
+        a, b = result["simulation"]["final_dice"].get(site), result["native"]["final_dice"].get(site)
+        lines.append(f"| {site} | {a if a is None else round(a, 4)} | {b if b is None else round(b, 4)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(ROOT / "data"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], help="extra run-config KEY=VALUE (TOML value)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "native"))
+    parser.add_argument("--keep-cache", action="store_true", help="do not empty the site caches first")
+    args = parser.parse_args()
+    import tomllib
+
+    data = Path(args.data).resolve()
+    sites = sorted(p.name for p in data.iterdir() if (p / "imagesTr").is_dir())
+    run_config = {"num-server-rounds": args.rounds, "local-epochs": args.local_epochs}
+    for item in args.set:
+        run_config.update(tomllib.loads(item))
+    if not args.keep_cache:
+        for site in sites:
+            shutil.rmtree(data / site / DEFAULT_CACHE_NAME, ignore_errors=True)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    work = Path(tempfile.mkdtemp(prefix="bench-native-"))
+    try:
+        native = run_mode("native", data, work, run_config)
+        sim = run_mode("simulation", data, work, run_config)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    imports = import_times()
+    result = {
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "loadavg_before": load_before, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "sites": sites, "rounds": args.rounds, "local_epochs": args.local_epochs, "run_config": run_config,
+        "eval_with_train": run_config.get("eval-with-train", "auto"),
+        "summary": summarize(sim, native, args.rounds),
+        "simulation": sim, "native": native, "import_times": imports,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
