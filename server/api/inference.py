@@ -291,12 +291,20 @@ def input_summary(meta: dict) -> dict:
 
 
 def encode_segmentation(seg: Segmentation, work_dir: Path) -> bytes:
-    """The label map as ``.nii.gz`` bytes, with the input's shape, affine and qform/sform codes."""
-    path = work_dir / "segmentation.nii.gz"
+    """The label map as ``.nii.gz`` bytes, with the input's shape, affine and qform/sform codes.
+
+    Written uncompressed, then gzipped by ISA-L (``isal``, level 1) where installed: a 1 mm label
+    map compresses in milliseconds instead of zlib's tenths of a second; the stream is plain gzip.
+    """
+    path = work_dir / "segmentation.nii"
     save_segmentation(seg.labels.reshape(seg.meta.get("full_shape", seg.meta["shape"])), path, seg.meta)
     data = path.read_bytes()
     path.unlink()
-    return data
+    try:
+        from isal import igzip as gzip_impl
+    except ImportError:  # optional: the standard library's gzip gives the same format
+        import gzip as gzip_impl
+    return gzip_impl.compress(data, 1)
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
