@@ -28,8 +28,9 @@ def main() -> int:
     env = {**os.environ, "FEDMRI_FUZZ_EXAMPLES": str(args.examples), "FEDMRI_FUZZ_RANDOM": "1"}
     load_before = [round(x, 2) for x in os.getloadavg()]
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "tests/server/api/test_fuzz.py", "-q", "-p", "no:cacheprovider",
-                           "--hypothesis-show-statistics"], cwd=REPO, env=env, capture_output=True, text=True)
+    command = [sys.executable, "-m", "pytest", "tests/server/api/test_fuzz.py", "-q", "-p", "no:cacheprovider",
+               "--hypothesis-show-statistics"]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "examples": args.examples,

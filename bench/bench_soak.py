@@ -24,7 +24,6 @@ import os
 import platform
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,8 +69,8 @@ def _with_header(content: bytes, **fields) -> bytes:
 
 def make_payloads() -> dict[str, list[bytes]]:
     subject = synthesize_subject(seed=3, resolution=3, lesion_probability=1.0)
-    image = apply_scanner(subject.signal, ScannerProfile(scale=4.0, shift=-300.0, noise_std=0.01, spacing=(3.0, 3.0, 3.0)),
-                          np.random.default_rng(3)).astype(np.float32)
+    scanner = ScannerProfile(scale=4.0, shift=-300.0, noise_std=0.01, spacing=(3.0, 3.0, 3.0))
+    image = apply_scanner(subject.signal, scanner, np.random.default_rng(3)).astype(np.float32)
     valid = _nifti(image, subject.affine)
     coarse = np.random.default_rng(0).normal(100, 5, (48, 48, 48)).astype(np.float32)
     return {
@@ -96,7 +95,8 @@ def make_registry(root: Path) -> Path:
     torch.manual_seed(0)
     mcfg = ModelConfig(channels=(8, 16, 32), strides=(2, 2))
     dcfg = DataConfig(spacing=(4.0, 4.0, 4.0), roi_size=(32, 32, 32))
-    save_model(registry, "soak", build_unet(mcfg).state_dict(), mcfg, dcfg, kind="pooled", strategy="none", norm="instance")
+    save_model(registry, "soak", build_unet(mcfg).state_dict(), mcfg, dcfg, kind="pooled", strategy="none",
+               norm="instance")
     mark_served(registry, "soak")
     return registry
 
@@ -119,12 +119,13 @@ def start_server(registry: Path, work: Path, threads: int) -> tuple[subprocess.P
     uploads = work / "uploads"
     uploads.mkdir()
     env = {**os.environ, "FEDMRI_UPLOAD_DIR": str(uploads), "FEDMRI_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
-           "FEDMRI_TORCH_THREADS": str(threads), "FEDMRI_MAX_CONCURRENT_INFERENCES": "2", "FEDMRI_MAX_QUEUED_REQUESTS": "8"}
+           "FEDMRI_TORCH_THREADS": str(threads), "FEDMRI_MAX_CONCURRENT_INFERENCES": "2",
+           "FEDMRI_MAX_QUEUED_REQUESTS": "8"}
     env.pop("FEDMRI_API_KEY", None)
     with log.open("w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                                 "--registry", str(registry), "--log-level", "warning"],
-                                cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+                   "--registry", str(registry), "--log-level", "warning"]
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -194,8 +195,9 @@ def write_markdown(result: dict, path: Path) -> None:
     lines = [
         "# Soak: 8 concurrent clients, valid + invalid + oversized uploads",
         "",
-        f"{result['requests']} requests in {result['wall_s']:.0f} s from {result['clients']} clients against `fedmri serve` "
-        f"on loopback (untrained 3-level UNet at 4 mm with 32^3 windows, 3 mm brain uploads, 2 inferences at once, {result['torch_threads']} torch thread(s) each); "
+        f"{result['requests']} requests in {result['wall_s']:.0f} s from {result['clients']} clients against "
+        "`fedmri serve` on loopback (untrained 3-level UNet at 4 mm with 32^3 windows, 3 mm brain uploads, "
+        f"2 inferences at once, {result['torch_threads']} torch thread(s) each); "
         f"load average {result['load_average_before']} before, {result['load_average_after']} after "
         f"({result['cpu_count']} CPUs, shared with other work).",
         "",
@@ -226,7 +228,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=320)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=24)
+    parser.add_argument("--warmup", type=int, default=32)
     parser.add_argument("--max-seconds", type=float, default=900)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per inference")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -292,7 +294,8 @@ def main() -> int:
         "p50_s": round(percentile(seconds, 50), 3),
         "soak_p95_s": round(percentile(seconds, 95), 3),
         "rss": {"after_warmup_mib": rss_warm / 1024**2, "after_run_mib": rss_after / 1024**2,
-                "ratio": round(rss_after / rss_warm, 4), "peak_mib": max(peak) / 1024**2},
+                "ratio": round(rss_after / rss_warm, 4), "peak_mib": max(peak) / 1024**2,
+                "samples_mib_every_10s": [round(v / 1024**2) for v in peak[::20]]},
         "uploads_empty": uploads_empty,
         "healthy_after": healthy,
         "tracebacks_in_server_log": server_log.count("Traceback"),

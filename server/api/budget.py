@@ -62,11 +62,12 @@ def model_grid_shape(shape: Sequence[int], affine: np.ndarray, spacing: Sequence
     from monai.data.utils import zoom_affine
 
     affine = np.asarray(affine, dtype=np.float64)
-    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt("RAS"))
+    orientations = nib.orientations
+    ornt = orientations.ornt_transform(orientations.io_orientation(affine), orientations.axcodes2ornt("RAS"))
     oriented_shape = [0.0] * 3
     for axis, (target, _) in enumerate(ornt):
         oriented_shape[int(target)] = float(shape[axis])
-    oriented = affine @ nib.orientations.inv_ornt_aff(ornt, [int(n) for n in shape])
+    oriented = affine @ orientations.inv_ornt_aff(ornt, [int(n) for n in shape])
     new_affine = zoom_affine(oriented, np.asarray(spacing, dtype=np.float64), diagonal=False)
     corners = np.asarray(np.meshgrid(*[(0.0, n - 1.0) for n in oriented_shape], indexing="ij")).reshape(3, -1)
     corners = np.concatenate((corners, np.ones_like(corners[:1])))
@@ -111,20 +112,23 @@ class WorkBudget:
         """
         voxels = math.prod(int(n) for n in shape[:3])
         if voxels > self.max_voxels:
-            raise LimitExceededError(f"{SOURCE}: header claims {voxels} voxels, more than the limit of {self.max_voxels}",
-                                     limit="FEDMRI_MAX_VOXELS", value=_number(voxels), maximum=self.max_voxels)
+            raise LimitExceededError(
+                f"{SOURCE}: header claims {voxels} voxels, more than the limit of {self.max_voxels}",
+                limit="FEDMRI_MAX_VOXELS", value=_number(voxels), maximum=self.max_voxels)
         cost = self.cost(shape, affine, spacing, roi)
         grid = "x".join(f"{n:.0f}" for n in cost.model_shape)
         mm = "x".join(f"{s:g}" for s in spacing)
         if not cost.model_voxels <= self.max_model_voxels:  # also refuses NaN
             raise LimitExceededError(
-                f"{SOURCE}: resampled to the model's {mm} mm grid the volume would have {grid} = {cost.model_voxels:.0f} "
-                f"voxels, more than the limit of {self.max_model_voxels} (voxel size too large for its shape?)",
+                f"{SOURCE}: resampled to the model's {mm} mm grid the volume would have {grid} = "
+                f"{cost.model_voxels:.0f} voxels, more than the limit of {self.max_model_voxels} "
+                "(voxel size too large for its shape?)",
                 limit="FEDMRI_MAX_MODEL_VOXELS", value=_number(cost.model_voxels), maximum=self.max_model_voxels)
         if not cost.window_voxels <= self.max_window_voxels:
             raise LimitExceededError(
-                f"{SOURCE}: the sliding-window pass over the {grid} model grid would process {cost.window_voxels:.0f} voxels "
-                f"({cost.windows:.0f} windows), more than the limit of {self.max_window_voxels}",
+                f"{SOURCE}: the sliding-window pass over the {grid} model grid would process "
+                f"{cost.window_voxels:.0f} voxels ({cost.windows:.0f} windows), "
+                f"more than the limit of {self.max_window_voxels}",
                 limit="FEDMRI_MAX_WINDOW_VOXELS", value=_number(cost.window_voxels), maximum=self.max_window_voxels)
         return cost
 

@@ -91,7 +91,8 @@ def _parse(prefix: bytes, source: str) -> nib.Nifti1Header:
         raise InvalidVolumeError(f"{source}: file ends inside the NIfTI header ({len(prefix)} bytes; truncated?)")
     found = prefix[magic_at : magic_at + len(magic)]
     if found == pair:
-        raise InvalidVolumeError(f"{source}: two-file NIfTI (.hdr/.img) is not supported; send a single .nii or .nii.gz")
+        raise InvalidVolumeError(
+            f"{source}: two-file NIfTI (.hdr/.img) is not supported; send a single .nii or .nii.gz")
     if found != magic:
         raise InvalidVolumeError(f"{source}: wrong NIfTI magic (expected '{expected}'); the file is not a valid NIfTI")
     # Byte order from sizeof_hdr (nibabel guesses it from dim[0], which is one of the fields checked here).
@@ -105,7 +106,8 @@ def _parse(prefix: bytes, source: str) -> nib.Nifti1Header:
 def _check_dims(hdr: nib.Nifti1Header, source: str, max_voxels: int) -> tuple[int, ...]:
     ndim = int(hdr["dim"][0])
     if not 1 <= ndim <= 7:
-        raise InvalidVolumeError(f"{source}: invalid NIfTI header: dim[0] (number of dimensions) is {ndim}, expected 1 to 7")
+        raise InvalidVolumeError(
+            f"{source}: invalid NIfTI header: dim[0] (number of dimensions) is {ndim}, expected 1 to 7")
     shape = tuple(int(n) for n in hdr["dim"][1 : ndim + 1])
     if any(n < 0 for n in shape):
         raise InvalidVolumeError(f"{source}: invalid NIfTI header: negative dimension in shape {shape}")
@@ -126,7 +128,8 @@ def _check_datatype(hdr: nib.Nifti1Header, source: str, warnings: list[str]) -> 
     except Exception:
         raise InvalidVolumeError(f"{source}: invalid NIfTI header: unknown data type code {code} (datatype)") from None
     if dtype.kind not in "iuf" or dtype.fields is not None:
-        raise InvalidVolumeError(f"{source}: unsupported voxel type {dtype.kind!r} (complex or RGB); expected real-valued intensities")
+        raise InvalidVolumeError(
+            f"{source}: unsupported voxel type {dtype.kind!r} (complex or RGB); expected real-valued intensities")
     bits = dtype.itemsize * 8
     if int(hdr["bitpix"]) != bits:  # nibabel reads by datatype and fixes bitpix
         warnings.append(f"bitpix {int(hdr['bitpix'])} does not match the datatype; using the datatype's {bits}")
@@ -141,7 +144,8 @@ def _check_offset(hdr: nib.Nifti1Header, source: str) -> int:
         raise InvalidVolumeError(f"{source}: invalid NIfTI header: vox_offset is not a finite number")
     if offset < minimum:
         raise InvalidVolumeError(
-            f"{source}: invalid NIfTI header: vox_offset {offset:g} is inside the header (at least {minimum} for a single-file NIfTI)"
+            f"{source}: invalid NIfTI header: vox_offset {offset:g} is inside the header "
+            f"(at least {minimum} for a single-file NIfTI)"
         )
     return int(offset)
 
@@ -190,7 +194,8 @@ def _fix_pixdim(hdr: nib.Nifti1Header, warnings: list[str], what: str) -> str | 
         warnings.append(f"negative pixdim[1..3] ({what}); using their absolute values as nibabel does")
         hdr["pixdim"][1:4] = np.abs(zooms)
     if float(hdr["pixdim"][0]) not in (-1.0, 1.0):
-        warnings.append(f"qfac pixdim[0] is {float(hdr['pixdim'][0]):g}, not 1 or -1 ({what}); set to 1 as nibabel does")
+        qfac = float(hdr["pixdim"][0])
+        warnings.append(f"qfac pixdim[0] is {qfac:g}, not 1 or -1 ({what}); set to 1 as nibabel does")
         hdr["pixdim"][0] = 1
     return None
 
@@ -265,7 +270,8 @@ def _check_geometry(hdr: nib.Nifti1Header, shape: tuple[int, ...], source: str, 
             hdr.set_sform(qform, code=scode)
         return qform
     problems = [p for p in (q_problem, s_problem) if p]
-    raise InvalidVolumeError(f"{source}: invalid NIfTI header: {' and '.join(problems)}; no valid qform or sform to use")
+    raise InvalidVolumeError(
+        f"{source}: invalid NIfTI header: {' and '.join(problems)}; no valid qform or sform to use")
 
 
 def _pixdim_from(hdr: nib.Nifti1Header, affine: np.ndarray, warnings: list[str]) -> None:

@@ -22,8 +22,7 @@ from server.api.budget import AdmissionGate, LimitExceededError
 from server.api.config import ApiSettings
 from server.api.deps import get_settings, require_api_key
 from server.api.inference import ModelLoadError, ModelNotFoundError, ModelStore
-from server.api.routes import admin, health, models, report, segment, ui
-from server.api.routes import pacs
+from server.api.routes import admin, health, models, pacs, report, segment, ui
 from server.api.routes.ui import STATIC_DIR, SWAGGER_DIR
 from shared.errors import InvalidVolumeError
 

@@ -15,7 +15,8 @@ class ErrorResponse(BaseModel):
     """Every 4xx/5xx answer: what went wrong, in one sentence; a refused work limit also names it."""
 
     detail: str
-    limit: str | None = Field(default=None, description="the setting whose limit was exceeded, e.g. FEDMRI_MAX_MODEL_VOXELS")
+    limit: str | None = Field(default=None,
+                              description="the setting whose limit was exceeded, e.g. FEDMRI_MAX_MODEL_VOXELS")
     value: float | None = Field(default=None, description="the request's amount of what the limit bounds")
     maximum: int | None = Field(default=None, description="the limit")
 
@@ -108,7 +109,8 @@ class OodSummary(BaseModel):
     warning: bool = Field(description="score > threshold: unlike every training scanner; the segmentation may be worse")
     nearest_site: str
     expected_tissue_dice: float | None = Field(
-        default=None, description="grey/white matter Dice to expect, from the fairness report's 'where instance norm stops' table")
+        default=None,
+        description="grey/white matter Dice to expect, from the fairness report's 'where instance norm stops' table")
 
 
 class SegmentSummary(BaseModel):
@@ -117,9 +119,11 @@ class SegmentSummary(BaseModel):
     volumes_ml: dict[str, float] = Field(description="label name -> volume in mL")
     input: InputSummary
     timings: Timings
-    warnings: list[str] = Field(default_factory=list,
-                                description="header fields that were invalid and recovered (e.g. a broken qform replaced by the sform)")
-    ood: OodSummary | None = Field(default=None, description="out-of-distribution check; null when the model has no ood.json")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="header fields that were invalid and recovered (e.g. a broken qform replaced by the sform)")
+    ood: OodSummary | None = Field(default=None,
+                                   description="out-of-distribution check; null when the model has no ood.json")
     preview: Preview | None = None
 
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 from fastapi import HTTPException, Request, status
 from python_multipart.exceptions import MultipartParseError
-from starlette.requests import ClientDisconnect
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from server.api.dicom_upload import open_dicom_upload
-from shared.dicom import is_zip
 from server.api.header import HEADER_BYTES, CheckedHeader, check_header, nifti_class
+from shared.dicom import is_zip
 from shared.errors import InvalidVolumeError
 from shared.io import load_volume
 
@@ -133,10 +133,12 @@ async def receive_upload(request: Request, dest: Path, max_bytes: int) -> int:
         got = ", ".join(repr(n) for n in part.other_fields[:5]) or "none"
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"no form field '{UPLOAD_FIELD}' in the upload (fields received: {got}); send the volume as {UPLOAD_FIELD}=@volume.nii.gz",
+            f"no form field '{UPLOAD_FIELD}' in the upload (fields received: {got}); "
+            f"send the volume as {UPLOAD_FIELD}=@volume.nii.gz",
         )
     if part.duplicate:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"form field '{UPLOAD_FIELD}' sent more than once; send one volume per request")
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"form field '{UPLOAD_FIELD}' sent more than once; send one volume per request")
     if part.size == 0:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"{SOURCE}: empty file (0 bytes)")
     return part.size
@@ -256,7 +258,8 @@ def open_upload(raw: Path, work_dir: Path, max_voxels: int,
     size = path.stat().st_size
     if size < checked.data_bytes:
         raise InvalidVolumeError(
-            f"{SOURCE}: header describes {checked.data_bytes} bytes of header and voxel data but the file holds only {size} (truncated?)"
+            f"{SOURCE}: header describes {checked.data_bytes} bytes of header and voxel data "
+            f"but the file holds only {size} (truncated?)"
         )
     with path.open("r+b") as f:  # the repaired header, and no extensions (free text nobody here needs)
         f.write(checked.header.binaryblock)

@@ -33,14 +33,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8080, help="TCP port")
     s = argparse.SUPPRESS
     parser.add_argument("--registry", default=s, help="model registry (env FEDMRI_REGISTRY_DIR; default runs/registry)")
-    parser.add_argument("--data", default=s, help="site data folder, for the report route (env FEDMRI_DATA_DIR; default data)")
+    parser.add_argument("--data", default=s,
+                        help="site data folder, for the report route (env FEDMRI_DATA_DIR; default data)")
     parser.add_argument("--reports", default=s, help="reports folder (env FEDMRI_REPORTS_DIR; default runs/reports)")
-    parser.add_argument("--model", default=s, help="version to serve (env FEDMRI_DEFAULT_MODEL; default: the registry's served one)")
-    parser.add_argument("--max-upload-mb", type=float, default=s, help="upload limit in MiB (env FEDMRI_MAX_UPLOAD_BYTES in bytes; default 256)")
-    parser.add_argument("--max-voxels", type=int, default=s, help="largest volume accepted (env FEDMRI_MAX_VOXELS; default 512**3)")
+    parser.add_argument("--model", default=s,
+                        help="version to serve (env FEDMRI_DEFAULT_MODEL; default: the registry's served one)")
+    parser.add_argument("--max-upload-mb", type=float, default=s,
+                        help="upload limit in MiB (env FEDMRI_MAX_UPLOAD_BYTES in bytes; default 256)")
+    parser.add_argument("--max-voxels", type=int, default=s,
+                        help="largest volume accepted (env FEDMRI_MAX_VOXELS; default 512**3)")
     parser.add_argument("--max-model-voxels", type=int, default=s,
-                        help="largest volume after resampling to the model's spacing (env FEDMRI_MAX_MODEL_VOXELS; default 256**3)")
-    parser.add_argument("--max-concurrent", type=int, default=s, help="volumes segmented at once (env FEDMRI_MAX_CONCURRENT_INFERENCES; default 2)")
+                        help="largest volume after resampling to the model's spacing "
+                             "(env FEDMRI_MAX_MODEL_VOXELS; default 256**3)")
+    parser.add_argument("--max-concurrent", type=int, default=s,
+                        help="volumes segmented at once (env FEDMRI_MAX_CONCURRENT_INFERENCES; default 2)")
     parser.add_argument("--max-queued", type=int, default=s,
                         help="requests admitted beyond those running; more get 503 "
                              "(env FEDMRI_MAX_QUEUED_REQUESTS; default 8)")
@@ -50,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inference-precision", default=s, choices=("fp32", "bf16", "auto"),
                         help="fp32 (MONAI's result) or bf16 body (env FEDMRI_INFERENCE_PRECISION; default fp32)")
     parser.add_argument("--insecure", action="store_true",
-                        help="allow a non-loopback --host without FEDMRI_API_KEY (anyone who reaches the port can use the API)")
+                        help="allow a non-loopback --host without FEDMRI_API_KEY "
+                             "(anyone who reaches the port can use the API)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     parser.epilog = "The API key is read from FEDMRI_API_KEY only (a flag would show in the process list)."
 
@@ -81,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
                   "could use the API. Set FEDMRI_API_KEY (clients send it as X-API-Key), listen on 127.0.0.1, "
                   "or pass --insecure to do it anyway.", file=sys.stderr)
             return 2
-        log.warning("listening on %s WITHOUT an API key (--insecure): anyone who reaches the port can use the API", args.host)
+        log.warning("listening on %s WITHOUT an API key (--insecure): anyone who reaches the port can use the API",
+                    args.host)
     log.info("fedmri API on http://%s:%d (docs at /docs, API key %s)", args.host, args.port,
              "required" if settings.api_key else "not required")
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level, log_config=None)

@@ -31,7 +31,8 @@ def _lock(version: str) -> threading.Lock:
 @router.get(
     "",
     response_class=HTMLResponse,
-    responses={200: {"content": {"application/json": {}}, "description": "the report (HTML, or JSON with ?format=json)"},
+    responses={200: {"content": {"application/json": {}},
+                     "description": "the report (HTML, or JSON with ?format=json)"},
                404: {"description": "no model registered, or no site data"}},
 )
 def get_report(

@@ -21,9 +21,20 @@ from server.api.budget import QueueFullError, WorkBudget
 from server.api.config import ApiSettings
 from server.api.deps import ModelStoreDep, SettingsDep, require_api_key
 from server.api.dicom_upload import OutputFormat, dicom_seg_response
+from server.api.inference import (
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelStore,
+    Segmentation,
+    ServedModel,
+    encode_segmentation,
+    input_summary,
+    label_volumes,
+    preview_slices,
+    segment_volume,
+)
+from server.api.memory import release_free_memory
 from server.api.ood import assess_upload, ood_headers
-from server.api.inference import (ModelLoadError, ModelNotFoundError, ModelStore, Segmentation, ServedModel, encode_segmentation,
-                                  input_summary, label_volumes, preview_slices, segment_volume)
 from server.api.schemas import ErrorResponse, SegmentSummary
 from server.api.upload import UPLOAD_FIELD, inspect_upload, open_upload, receive_upload
 
@@ -40,8 +51,8 @@ router = APIRouter(
         413: {"model": ErrorResponse, "description": "upload larger than FEDMRI_MAX_UPLOAD_BYTES"},
         415: {"model": ErrorResponse, "description": "not a multipart/form-data request"},
         422: {"model": ErrorResponse, "description": "not a usable NIfTI volume (the detail says why)"},
-        503: {"model": ErrorResponse,
-              "description": "no model loaded, the requested one cannot be loaded, or too many requests in flight (Retry-After)"},
+        503: {"model": ErrorResponse, "description": "no model loaded, the requested one cannot be loaded, "
+                                                      "or too many requests in flight (Retry-After)"},
     },
 )
 
@@ -54,7 +65,8 @@ UPLOAD_BODY = {
                 "schema": {
                     "type": "object",
                     "required": [UPLOAD_FIELD],
-                    "properties": {UPLOAD_FIELD: {"type": "string", "format": "binary", "description": "a 3-D .nii or .nii.gz (NIfTI-1 or -2)"}},
+                    "properties": {UPLOAD_FIELD: {"type": "string", "format": "binary",
+                                                  "description": "a 3-D .nii or .nii.gz (NIfTI-1 or -2)"}},
                 }
             }
         },
@@ -83,21 +95,26 @@ def _resolve(store: ModelStore, version: str | None) -> ServedModel:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
     except ModelNotFoundError as exc:
         code = status.HTTP_404_NOT_FOUND if version is not None else status.HTTP_503_SERVICE_UNAVAILABLE
-        raise HTTPException(code, str(exc) if version is not None else f"no model loaded: {store.error or exc}") from None
+        detail = str(exc) if version is not None else f"no model loaded: {store.error or exc}"
+        raise HTTPException(code, detail) from None
 
 
-def _process(raw: Path, work_dir: Path, model: ServedModel, settings: ApiSettings, nifti: bool, preview: bool) -> _Outcome:
+def _process(raw: Path, work_dir: Path, model: ServedModel, settings: ApiSettings, nifti: bool,
+             preview: bool) -> _Outcome:
     """Blocking part of a request (runs in a worker thread): read, segment, encode."""
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)  # OpenMP's thread count is per calling thread
     start = time.perf_counter()
-    image, meta = open_upload(raw, work_dir, settings.max_voxels, _grid_check(settings, model))
-    read_s = time.perf_counter() - start
-    seg = segment_volume(model, image, meta, overlap=settings.sw_overlap, sw_batch_size=settings.sw_batch_size,
-                         precision=settings.inference_precision, device=settings.device)
-    start = time.perf_counter()
-    encoded = encode_segmentation(seg, work_dir) if nifti else None
-    slices = preview_slices(seg) if preview else None
+    try:
+        image, meta = open_upload(raw, work_dir, settings.max_voxels, _grid_check(settings, model))
+        read_s = time.perf_counter() - start
+        seg = segment_volume(model, image, meta, overlap=settings.sw_overlap, sw_batch_size=settings.sw_batch_size,
+                             precision=settings.inference_precision, device=settings.device)
+        start = time.perf_counter()
+        encoded = encode_segmentation(seg, work_dir) if nifti else None
+        slices = preview_slices(seg) if preview else None
+    finally:
+        release_free_memory()  # the intermediate volumes are freed by now; keep RSS flat
     timings = {"read_s": read_s, **seg.timings}
     timings["postprocess_s"] += time.perf_counter() - start
     return _Outcome(seg, encoded, slices, timings)
@@ -109,7 +126,8 @@ def _grid_check(settings: ApiSettings, model: ServedModel):
     return partial(budget.check, spacing=model.data_config.spacing, roi=model.data_config.roi_size)
 
 
-async def _segment(request: Request, settings: ApiSettings, store: ModelStore, version: str | None, *, nifti: bool, preview: bool) -> _Outcome:
+async def _segment(request: Request, settings: ApiSettings, store: ModelStore, version: str | None, *, nifti: bool,
+                   preview: bool) -> _Outcome:
     """Receive the upload into a private temporary folder, segment it, and always delete the folder.
 
     Admission first (503 with Retry-After beyond the in-flight limit), then the header and the
@@ -132,7 +150,8 @@ async def _segment(request: Request, settings: ApiSettings, store: ModelStore, v
         upload_s = time.perf_counter() - started
         await run_in_threadpool(inspect_upload, raw, settings.max_voxels, _grid_check(settings, model))
         outcome = await anyio.to_thread.run_sync(
-            partial(_process, raw, work_dir, model, settings, nifti, preview), limiter=request.app.state.inference_limiter
+            partial(_process, raw, work_dir, model, settings, nifti, preview),
+            limiter=request.app.state.inference_limiter,
         )
         done = True
     finally:
@@ -159,7 +178,8 @@ def _server_timing(timings: dict[str, float]) -> str:
     "",
     response_class=Response,
     openapi_extra=UPLOAD_BODY,
-    responses={200: {"content": {"application/gzip": {}}, "description": "the label map (.nii.gz) on the input's grid"}},
+    responses={200: {"content": {"application/gzip": {}},
+                     "description": "the label map (.nii.gz) on the input's grid"}},
 )
 async def segment(request: Request, settings: SettingsDep, store: ModelStoreDep, version: ModelVersion = None,
                   output: OutputFormat = "nifti") -> Response:
@@ -171,7 +191,8 @@ async def segment(request: Request, settings: SettingsDep, store: ModelStoreDep,
     outcome = await _segment(request, settings, store, version, nifti=output == "nifti", preview=False)
     ood = await run_in_threadpool(assess_upload, outcome.seg, settings)  # server/api/ood.py
     if output == "dicom-seg":  # server/api/dicom_upload.py
-        return await run_in_threadpool(dicom_seg_response, outcome.seg, _server_timing(outcome.timings), ood_headers(ood))
+        timing = _server_timing(outcome.timings)
+        return await run_in_threadpool(dicom_seg_response, outcome.seg, timing, ood_headers(ood))
     return Response(
         content=outcome.nifti,
         media_type="application/gzip",
@@ -192,7 +213,8 @@ async def segment_summary(
     settings: SettingsDep,
     store: ModelStoreDep,
     version: ModelVersion = None,
-    preview: Annotated[bool, Query(description="add three orthogonal slices and the label map (base64) for display")] = False,
+    preview: Annotated[bool, Query(
+        description="add three orthogonal slices and the label map (base64) for display")] = False,
 ) -> SegmentSummary:
     """Segment an uploaded volume; returns label volumes in mL, the input's geometry and timings."""
     outcome = await _segment(request, settings, store, version, nifti=preview, preview=preview)
@@ -208,5 +230,6 @@ async def segment_summary(
         timings=outcome.timings,
         warnings=seg.meta.get("warnings", []),
         ood=ood,
-        preview={"slices": outcome.preview, "segmentation_nii_gz": base64.b64encode(outcome.nifti).decode("ascii")} if preview else None,
+        preview={"slices": outcome.preview, "segmentation_nii_gz": base64.b64encode(outcome.nifti).decode("ascii")}
+        if preview else None,
     )

@@ -35,9 +35,11 @@ def api_registry(train_tiny, tmp_path_factory) -> Path:
     model, _, sites, mcfg, dcfg = train_tiny("instance", TRAIN_EPOCHS)
     torch.manual_seed(0)
     untrained = build_unet(mcfg)  # the weights the trained model started from
-    save_model(registry, "tiny-untrained", untrained.state_dict(), mcfg, dcfg, kind="pooled", strategy="none", norm="instance")
+    save_model(registry, "tiny-untrained", untrained.state_dict(), mcfg, dcfg, kind="pooled", strategy="none",
+               norm="instance")
     # Shaped like server/federation's meta.json: per site, train and eval metric dicts.
-    metrics = {"site-a": {"node_id": 7, "eval": {"dice_mean": 0.61, "hd95_3": float("nan")}, "train": {"train_loss": 0.4}},
+    metrics = {"site-a": {"node_id": 7, "eval": {"dice_mean": 0.61, "hd95_3": float("nan")},
+                          "train": {"train_loss": 0.4}},
                "site-b": {"node_id": 9, "eval": {"dice_mean": 0.6}}}
     save_model(registry, "tiny", model.state_dict(), mcfg, dcfg, kind="federated", strategy="FedAvg", norm="instance",
                round=3, fedbn=False, run_name="tiny", sites=[s.name for s in sites],
@@ -98,7 +100,8 @@ def _nifti_bytes(data: np.ndarray, affine: np.ndarray, *, version: int = 1, gz: 
     raw = bytearray(img.to_bytes())
     if dims is not None:
         offset, dtype = (16, "<i8") if version == 2 else (40, "<i2")
-        raw[offset : offset + 8 * np.dtype(dtype).itemsize] = np.array([len(dims), *dims, *[1] * (7 - len(dims))], dtype).tobytes()
+        packed = np.array([len(dims), *dims, *[1] * (7 - len(dims))], dtype).tobytes()
+        raw[offset : offset + 8 * np.dtype(dtype).itemsize] = packed
     return gzip.compress(bytes(raw), compresslevel=1) if gz else bytes(raw)
 
 

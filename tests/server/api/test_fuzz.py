@@ -40,12 +40,14 @@ FIELDS = [("dim", 8), ("datatype", None), ("bitpix", None), ("pixdim", 8), ("vox
           ("intent_code", None), ("slice_code", None), ("slice_start", None), ("slice_end", None), ("dim_info", None),
           ("cal_max", None), ("cal_min", None), ("intent_p1", None), ("toffset", None)]
 HOSTILE = [0, 1, -1, 2, 3, 4, 5, 7, 8, 9, 16, 64, 255, 256, 512, 2**15 - 1, -(2**15), 2**31 - 1, 2**40,
-           float("nan"), float("inf"), float("-inf"), 0.5, -0.5, 1e-30, 1e-7, 1e30, 24.0, 40.0, 1e6, 1.0000001, 0.7071068]
+           float("nan"), float("inf"), float("-inf"), 0.5, -0.5, 1e-30, 1e-7, 1e30, 24.0, 40.0, 1e6,
+           1.0000001, 0.7071068]
 
 
 def _seeds() -> list[bytes]:
     """Uncompressed NIfTI bytes of real and synthesized files."""
-    seeds = [(NIBABEL_DATA / "anatomical.nii").read_bytes(), gzip.decompress((NIBABEL_DATA / "standard.nii.gz").read_bytes())]
+    seeds = [(NIBABEL_DATA / "anatomical.nii").read_bytes(),
+             gzip.decompress((NIBABEL_DATA / "standard.nii.gz").read_bytes())]
     four_d = nib.load(NIBABEL_DATA / "example_nifti2.nii.gz")
     single = nib.Nifti2Image(np.asanyarray(four_d.dataobj)[..., :1], four_d.affine, four_d.header)
     seeds.append(single.to_bytes())

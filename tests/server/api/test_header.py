@@ -176,7 +176,8 @@ def test_nifti2_dims_cannot_wrap_the_voxel_count():
 # --- the work budget ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("affine", [LPS, OBLIQUE, SHEARED, np.diag([24.0, 24.0, 24.0, 1.0]), np.diag([0.7, 0.9, 1.1, 1.0])],
+@pytest.mark.parametrize("affine",
+                         [LPS, OBLIQUE, SHEARED, np.diag([24.0, 24.0, 24.0, 1.0]), np.diag([0.7, 0.9, 1.1, 1.0])],
                          ids=["lps", "oblique", "sheared", "24mm", "fine"])
 @pytest.mark.parametrize("spacing", [(2.0, 2.0, 2.0), (4.0, 3.0, 2.5)])
 def test_model_grid_shape_is_monai_s(affine, spacing):
@@ -199,7 +200,8 @@ def test_window_count_is_monai_s(roi, overlap):
     for size in (1, roi - 1, roi, roi + 1, 2 * roi + 3, 5 * roi):
         image = (max(size, roi),)
         interval = _get_scan_interval(image, (roi,), 1, (overlap,))
-        assert window_count(size, roi, overlap) == len(dense_patch_slices(image, (roi,), interval)), (size, roi, overlap)
+        expected = len(dense_patch_slices(image, (roi,), interval))
+        assert window_count(size, roi, overlap) == expected, (size, roi, overlap)
 
 
 def test_budget_refuses_the_coarse_voxel_amplification():

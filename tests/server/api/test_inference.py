@@ -14,8 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from server.api.inference import (ServedModel, preprocessing, label_volumes, labels_to_input_grid, preview_slices,
-                                  segment_volume)
+from server.api.inference import (
+    ServedModel,
+    label_volumes,
+    labels_to_input_grid,
+    preprocessing,
+    preview_slices,
+    segment_volume,
+)
 from shared.data import DataConfig
 
 THRESHOLD = 500.0
@@ -85,7 +91,8 @@ def test_label_volumes_use_voxel_size():
     labels = np.zeros((10, 10, 10), np.uint8)
     labels[:5] = 1
     labels[0, 0, :4] = 3
-    volumes = {v["name"]: v for v in label_volumes(labels, np.diag([2.0, 1.0, 0.5, 1.0]), {0: "bg", 1: "gm", 2: "wm", 3: "lesion"})}
+    names = {0: "bg", 1: "gm", 2: "wm", 3: "lesion"}
+    volumes = {v["name"]: v for v in label_volumes(labels, np.diag([2.0, 1.0, 0.5, 1.0]), names)}
     assert set(volumes) == {"gm", "wm", "lesion"}
     assert volumes["gm"]["voxels"] == 496 and volumes["gm"]["ml"] == 0.496
     assert volumes["wm"]["voxels"] == 0 and volumes["lesion"]["ml"] == pytest.approx(0.004)
@@ -123,7 +130,8 @@ def test_nearest_back_agrees_with_monai_invertd(phantom, affine, spacing):
     model_affine = prepared["image"].affine.numpy()
     ours = labels_to_input_grid(model_labels[0].numpy(), model_affine, affine, image.shape)
     invert = mt.Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=True)
-    reference = invert({"image": prepared["image"], "pred": MetaTensor(model_labels, affine=prepared["image"].affine)})["pred"]
+    pred = MetaTensor(model_labels, affine=prepared["image"].affine)
+    reference = invert({"image": prepared["image"], "pred": pred})["pred"]
     reference = np.rint(reference[0].numpy()).astype(np.uint8)
     assert ours.shape == reference.shape == image.shape
     differ = ours != reference

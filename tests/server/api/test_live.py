@@ -121,8 +121,11 @@ def test_web_page_in_headless_chromium(live_server, site_case, tmp_path):
         assert "fedmri" in browser.title
         browser.find_element(By.ID, "file").send_keys(str(upload))
         browser.find_element(By.ID, "submit").click()
-        WebDriverWait(browser, 120).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
-        assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done", browser.find_element(By.ID, "status").text
+        def state(b):
+            return b.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+
+        WebDriverWait(browser, 120).until(lambda b: state(b) in ("done", "error"))
+        assert state(browser) == "done", browser.find_element(By.ID, "status").text
 
         for plane in ("sagittal", "coronal", "axial"):
             canvas = browser.find_element(By.ID, f"view-{plane}")
@@ -135,7 +138,8 @@ def test_web_page_in_headless_chromium(live_server, site_case, tmp_path):
             assert coloured > 0, plane
 
         rows = browser.find_elements(By.CSS_SELECTOR, "#volumes tbody tr")
-        shown = {r.find_elements(By.TAG_NAME, "td")[1].text: float(r.find_elements(By.TAG_NAME, "td")[2].text) for r in rows}
+        cells = [r.find_elements(By.TAG_NAME, "td") for r in rows]
+        shown = {c[1].text: float(c[2].text) for c in cells}
         assert set(shown) == set(expected)
         for name, ml in expected.items():
             assert shown[name] == pytest.approx(ml, abs=0.051), name
@@ -152,7 +156,7 @@ def test_web_page_in_headless_chromium(live_server, site_case, tmp_path):
         bad.write_bytes(b"not an image at all\n" * 30)
         browser.find_element(By.ID, "file").send_keys(str(bad))
         browser.find_element(By.ID, "submit").click()
-        WebDriverWait(browser, 60).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "error")
+        WebDriverWait(browser, 60).until(lambda b: state(b) == "error")
         status = browser.find_element(By.ID, "status")
         assert "422" in status.text and "not a NIfTI file" in status.text
         assert "error" in status.get_attribute("class")
@@ -169,7 +173,8 @@ def test_client_vanishing_mid_upload_leaves_nothing_behind(live_server):
     host, port = live_server["url"].removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall((f"POST /v1/segment HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1000000\r\n"
-                      f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode() + head + b"\1" * 200_000)
+                      f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode()
+                     + head + b"\1" * 200_000)
         deadline = time.monotonic() + 20
         while not any(p.is_file() for p in live_server["uploads"].rglob("*")) and time.monotonic() < deadline:
             time.sleep(0.05)

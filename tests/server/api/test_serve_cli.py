@@ -44,7 +44,8 @@ def test_public_host_without_key_is_refused(tmp_path):
 @pytest.mark.parametrize("how", ["key", "insecure"])
 def test_public_host_starts_with_a_key_or_insecure(tmp_path, how):
     port = _port()
-    args = [sys.executable, "-m", "server.cli", "serve", "--host", "0.0.0.0", "--port", str(port), "--registry", str(tmp_path)]
+    args = [sys.executable, "-m", "server.cli", "serve", "--host", "0.0.0.0", "--port", str(port),
+            "--registry", str(tmp_path)]
     env = _env(FEDMRI_API_KEY="k") if how == "key" else _env()
     if how == "insecure":
         args.append("--insecure")

@@ -30,7 +30,8 @@ def test_not_ready_without_a_model(make_client, tmp_path, nifti_bytes, phantom):
     assert response.status_code == 503 and "no model loaded" in response.json()["detail"]
 
 
-def test_corrupt_served_model_keeps_the_server_up_but_not_ready(make_client, api_registry, tmp_path, nifti_bytes, phantom):
+def test_corrupt_served_model_keeps_the_server_up_but_not_ready(make_client, api_registry, tmp_path, nifti_bytes,
+                                                                 phantom):
     import shutil
 
     import numpy as np

@@ -17,7 +17,8 @@ def keyed(make_client):
     return make_client(api_key=KEY)
 
 
-@pytest.mark.parametrize("method, path", [("get", "/v1/models"), ("post", "/v1/segment"), ("post", "/v1/segment/summary")])
+@pytest.mark.parametrize("method, path",
+                         [("get", "/v1/models"), ("post", "/v1/segment"), ("post", "/v1/segment/summary")])
 def test_api_key_required_when_configured(keyed, method, path, nifti_bytes, phantom):
     kwargs = {"files": {"file": ("a.nii.gz", nifti_bytes(phantom(), np.eye(4)))}} if method == "post" else {}
     for headers in ({}, {"X-API-Key": "wrong"}):
@@ -56,7 +57,8 @@ def test_upload_over_the_limit_is_413(make_client, upload_dir):
     assert response.json()["detail"] == "upload exceeds the limit of 50000 bytes"
     # No Content-Length (chunked): counted while streaming; the file part alone is over the limit.
     body, headers = _multipart(b"\1" * 60_000)
-    response = client.post("/v1/segment", content=(body[i : i + 8192] for i in range(0, len(body), 8192)), headers=headers)
+    chunks = (body[i : i + 8192] for i in range(0, len(body), 8192))
+    response = client.post("/v1/segment", content=chunks, headers=headers)
     assert response.status_code == 413
     assert response.json()["detail"] == "upload exceeds the limit of 50000 bytes"
     assert list(upload_dir.iterdir()) == []
@@ -90,6 +92,7 @@ def test_logs_carry_no_file_names_or_header_text(client, nifti_bytes, phantom, c
 
     def described(**kw):
         import gzip
+
         import nibabel as nib
 
         img = nib.Nifti1Image(phantom(), np.eye(4))

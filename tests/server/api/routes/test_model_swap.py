@@ -1,4 +1,4 @@
-"""The served model follows the registry: swapped atomically, named on every response, the report on the same version."""
+"""The served model follows the registry: swapped atomically, named on every response, reported on."""
 
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def test_newly_served_model_is_swapped_in_and_reported(make_client, registry, tm
     mark_served(registry, "tiny-untrained")  # what `fedmri federate` does after its last round
     response = client.post("/v1/segment", files={"file": ("a.nii.gz", content)})
     assert response.status_code == 200 and response.headers["x-model-version"] == "tiny-untrained"
-    assert client.post("/v1/segment/summary", files={"file": ("a.nii.gz", content)}).json()["model_version"] == "tiny-untrained"
+    summary = client.post("/v1/segment/summary", files={"file": ("a.nii.gz", content)})
+    assert summary.json()["model_version"] == "tiny-untrained"
     assert client.get("/readyz").json()["model_version"] == "tiny-untrained"
     report = client.get("/v1/report", params={"format": "json"})
     assert report.json() == {"version": "tiny-untrained"}
@@ -97,7 +98,8 @@ def test_admin_reload_needs_its_own_key(make_client, registry):
         response = client.post("/v1/admin/reload", headers=headers)
         assert response.status_code == 401 and "X-Admin-Key" in response.json()["detail"]
     response = client.post("/v1/admin/reload", headers={"X-Admin-Key": ADMIN_KEY})
-    assert response.status_code == 200 and response.json() == {"model_version": "tiny", "previous": "tiny", "changed": False}
+    assert response.status_code == 200
+    assert response.json() == {"model_version": "tiny", "previous": "tiny", "changed": False}
     (registry / "served.json").write_text(json.dumps({"version": "tiny-untrained"}))
     response = client.post("/v1/admin/reload", headers={"X-Admin-Key": ADMIN_KEY})
     assert response.json() == {"model_version": "tiny-untrained", "previous": "tiny", "changed": True}

@@ -23,7 +23,8 @@ def test_lists_registered_versions(client):
 
 
 def test_a_requested_version_loads_on_demand(client, nifti_bytes, phantom):
-    response = client.post("/v1/segment?model=tiny-untrained", files={"file": ("a.nii.gz", nifti_bytes(phantom(), np.eye(4)))})
+    files = {"file": ("a.nii.gz", nifti_bytes(phantom(), np.eye(4)))}
+    response = client.post("/v1/segment?model=tiny-untrained", files=files)
     assert response.status_code == 200 and response.headers["x-model-version"] == "tiny-untrained"
     models = {m["version"]: m for m in client.get("/v1/models").json()["models"]}
     assert models["tiny-untrained"]["loaded"] and models["tiny"]["served"]

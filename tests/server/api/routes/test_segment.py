@@ -27,7 +27,8 @@ def _assert_same_grid(out: nib.Nifti1Image, inp: nib.Nifti1Image) -> None:
     assert out.get_data_dtype() == np.uint8
     np.testing.assert_allclose(out.affine, inp.affine, atol=1e-5)
     for getter in ("get_qform", "get_sform"):
-        (m_out, code_out), (m_in, code_in) = getattr(out.header, getter)(coded=True), getattr(inp.header, getter)(coded=True)
+        m_out, code_out = getattr(out.header, getter)(coded=True)
+        m_in, code_in = getattr(inp.header, getter)(coded=True)
         assert code_out == code_in, getter
         if code_in:
             np.testing.assert_allclose(m_out, m_in, atol=1e-5)
@@ -46,10 +47,12 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
         (2, True, (1, 2), LPS_ANISO),
         (2, False, (0, 1), OBLIQUE),
     ],
-    ids=["nifti1-gz-lps", "nifti1-raw-oblique-qform-only", "nifti1-gz-sform-only", "nifti2-gz-lps", "nifti2-raw-oblique"],
+    ids=["nifti1-gz-lps", "nifti1-raw-oblique-qform-only", "nifti1-gz-sform-only", "nifti2-gz-lps",
+         "nifti2-raw-oblique"],
 )
 def test_returned_label_map_has_the_input_grid(client, nifti_bytes, read_nifti, phantom, version, gz, codes, affine):
-    content = nifti_bytes(phantom((26, 18, 12)), affine, version=version, gz=gz, qform_code=codes[0], sform_code=codes[1])
+    content = nifti_bytes(phantom((26, 18, 12)), affine, version=version, gz=gz, qform_code=codes[0],
+                          sform_code=codes[1])
     response = client.post("/v1/segment", files={"file": ("scan.nii.gz" if gz else "scan.nii", content)})
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/gzip"
@@ -67,7 +70,8 @@ def test_foreign_nibabel_files(client, read_nifti, name):
     _assert_same_grid(read_nifti(response.content), read_nifti(content))
 
 
-@pytest.mark.parametrize("name, klass", [("example4d.nii.gz", nib.Nifti1Image), ("example_nifti2.nii.gz", nib.Nifti2Image)])
+@pytest.mark.parametrize("name, klass",
+                         [("example4d.nii.gz", nib.Nifti1Image), ("example_nifti2.nii.gz", nib.Nifti2Image)])
 def test_single_volume_4d_is_accepted_and_keeps_its_shape(client, read_nifti, tmp_path, name, klass):
     source = nib.load(NIBABEL_DATA / name)
     single = klass(np.asanyarray(source.dataobj)[..., :1], source.affine, source.header)

@@ -47,17 +47,20 @@ def _bad_uploads(nifti_bytes, phantom) -> dict[str, tuple[bytes, int, str]]:
         "unknown data type": (bytes(bad_dtype), 422, "unknown data type"),
         "complex voxels": (nifti_bytes(vol.astype(np.complex64), AFFINE), 422, "unsupported voxel type"),
         "2-D image": (nifti_bytes(vol[:, :, 0], AFFINE), 422, "expected a 3-D volume"),
-        "4-D, three volumes": (nifti_bytes(np.stack([vol] * 3, axis=-1), AFFINE), 422, "expected a 3-D volume (or 4-D with one volume)"),
+        "4-D, three volumes": (nifti_bytes(np.stack([vol] * 3, axis=-1), AFFINE), 422,
+                               "expected a 3-D volume (or 4-D with one volume)"),
         "zero-length dimension": (nifti_bytes(np.zeros((16, 0, 16), np.float32), AFFINE), 422, "zero-length dimension"),
         "NaN voxel": (nifti_bytes(nan, AFFINE), 422, "NaN or Inf"),
         "Inf voxel": (nifti_bytes(inf, AFFINE), 422, "NaN or Inf"),
-        "non-invertible affine": (nifti_bytes(vol, SINGULAR, qform_code=0), 422, "sform (srow_x/y/z) is not invertible"),
+        "non-invertible affine": (nifti_bytes(vol, SINGULAR, qform_code=0), 422,
+                                  "sform (srow_x/y/z) is not invertible"),
         "empty upload": (b"", 422, "empty file"),
     }
 
 
 CASES = ["text file", "gzipped text", "wrong magic", "two-file nifti", "truncated gzip", "corrupt gzip", "header only",
-         "dims beyond data", "dims beyond data gz", "dims beyond voxel limit", "negative dimension", "unknown data type",
+         "dims beyond data", "dims beyond data gz", "dims beyond voxel limit", "negative dimension",
+         "unknown data type",
          "complex voxels", "2-D image", "4-D, three volumes",
          "zero-length dimension", "NaN voxel", "Inf voxel", "non-invertible affine", "empty upload"]
 
@@ -106,7 +109,8 @@ def test_file_field_twice(client, nifti_bytes, phantom):
 
 
 def test_not_multipart(client, nifti_bytes, phantom):
-    response = client.post("/v1/segment", content=nifti_bytes(phantom(), AFFINE), headers={"content-type": "application/gzip"})
+    response = client.post("/v1/segment", content=nifti_bytes(phantom(), AFFINE),
+                           headers={"content-type": "application/gzip"})
     assert response.status_code == 415
     assert "multipart/form-data" in response.json()["detail"]
 
