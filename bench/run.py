@@ -65,7 +65,7 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-def steps(quick: bool, out: Path) -> dict[str, list[str]]:
+def steps(quick: bool, out: Path, scale: str | None = None) -> dict[str, list[str]]:
     py = sys.executable
     q = ["--quick"] if quick else []
     return {
@@ -73,7 +73,7 @@ def steps(quick: bool, out: Path) -> dict[str, list[str]]:
         "api": [py, str(BENCH / "bench_api.py"), "--out", str(out), "--configs",
                 "default" if quick else "default,bigger", *q],
         "federation": [py, str(BENCH / "bench_federation.py"), "--out", str(out),
-                       "--scale", "3,10" if quick else "3,10,30,100",
+                       "--scale", scale or ("3,10" if quick else "3,10,30,100"),
                        "--rounds", "2" if quick else "3", "--epochs", "2" if quick else "8"],
     }
 
@@ -207,6 +207,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="<= 5 min: fewer repeats, 3/10 sites")
     parser.add_argument("--only", default="", help="comma-separated steps to run (inference,api,federation)")
+    parser.add_argument("--scale", default=None, help="site counts of the simulation scaling (default 3,10 quick, "
+                        "else 3,10,30,100)")
     parser.add_argument("--readme-only", action="store_true", help="rewrite the README block from summary.json")
     args = parser.parse_args()
     if args.readme_only:
@@ -223,9 +225,15 @@ def main() -> int:
     records = {}
     budget = {"inference": 150, "api": 150, "federation": 240} if args.quick else \
         {"inference": 1200, "api": 1200, "federation": 3600}
-    for name, command in steps(args.quick, out).items():
+    if args.scale:  # more sites than the default: give the simulation the time it needs
+        budget["federation"] = max(budget["federation"], 2400)
+    for name, command in steps(args.quick, out, args.scale).items():
         if not wanted or name in wanted:
             records[name] = run_step(name, command, budget[name])
+    previous = (_read(RESULTS / "summary.json") or {}).get("steps", {})
+    for name in steps(args.quick, out):  # steps not run now: their files are older, say so
+        if name not in records and name in previous:
+            records[name] = {**previous[name], "from_earlier_invocation": True}
     summary = summarize(out, records, args.quick)
     summary["load_average_before"], summary["load_average_after"] = before, loadavg()
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
