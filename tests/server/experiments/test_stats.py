@@ -68,3 +68,33 @@ def test_analyse_generates_claims_seed_spread_and_factor_costs():
     assert len(out["claims"]) == 4  # 2 sites x (BN, pooled); no local-only row here
     cost = out["factors"]["costs"]["fed-in"]["s-gamma"]
     assert cost["factor"] == "gamma" and cost["mean"] == pytest.approx(0.2, abs=0.02)
+
+
+def test_seeds_run_apart_merge_into_one_study_and_the_readme_block_is_regenerated(tmp_path):
+    from server.experiments.ablation import merge_results
+    from server.report.ablation import README_BEGIN, README_END, render_ablation_markdown, update_readme
+
+    def part(seed: int) -> dict:
+        rows = [{"name": n, "title": t, "kind": "federated", "evaluation": "global", "sites": {},
+                 "seeds": {str(seed): _seed_scores(o + seed / 1000)}}
+                for n, t, o in (("fed-in", "federated IN (FedAvg)", 0.0), ("fed-bn", "federated BN (FedAvg)", -0.1))]
+        return {"config": {"seeds": [seed], "threshold": 0.7, "bootstrap": 500, "k": 1,
+                           "run": {"num-server-rounds": 1, "local-epochs": 1, "spacing": "4,4,4",
+                                   "roi-size": "32,32,32", "channels": "8,16", "lr": 0.003, "seed": seed}},
+                "variants": rows, "site_factors": {"s-ref": "none", "s-gamma": "gamma"}, "timings": [], "seconds": 60.0,
+                "budget_epochs": 1, "data_dir": "d"}
+
+    merged = merge_results([part(0), part(1), part(2)])
+    assert merged["config"]["seeds"] == [0, 1, 2]
+    assert merged["variants"][0]["sites"]["s-ref"]["n_seeds"] == 3
+    md = render_ablation_markdown(merged)
+    assert "mean ± sd over 3 seed(s)" in md and "federated IN is better than federated BN" in md
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nOLD-NUMBERS\n{README_END}\noutro\n")
+    assert update_readme(readme, md)
+    text = readme.read_text()
+    assert "OLD-NUMBERS" not in text and md.strip() in text and text.startswith("intro\n") and text.endswith("outro\n")
+    assert update_readme(readme, md) and readme.read_text() == text  # idempotent
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    assert not update_readme(plain, md)
