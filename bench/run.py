@@ -223,7 +223,7 @@ def main() -> int:
     wanted = {s for s in args.only.split(",") if s}
     before = loadavg()
     records = {}
-    budget = {"inference": 150, "api": 150, "federation": 240} if args.quick else \
+    budget = {"inference": 900, "api": 900, "federation": 900} if args.quick else \
         {"inference": 1200, "api": 1200, "federation": 3600}
     if args.scale:  # more sites than the default: give the simulation the time it needs
         budget["federation"] = max(budget["federation"], 2400)
