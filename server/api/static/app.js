@@ -1,10 +1,14 @@
-// fedmri web page: upload a volume, draw three slices with the label overlay, list volumes.
-// Plain browser APIs only (fetch, FormData, canvas); everything comes from this server.
+// fedmri web page: upload a volume; show it in NiiVue (WebGL, three planes) with the label map as a
+// translucent overlay, plus three server-rendered slices (the only view for a DICOM zip, or without WebGL2);
+// list label colours and volumes, the OOD check and a download link.
+// Plain browser APIs and NiiVue, vendored by scripts/vendor-niivue.sh: everything comes from this server.
 "use strict";
 
 const COLORS = { 1: [255, 196, 0], 2: [0, 170, 255], 3: [255, 40, 80] }; // GM, WM, lesion
 const ALPHA = 0.45;
 const DISPLAY_MM = 1.6; // screen pixels per mm
+const NIIVUE_URL = "/static/vendor/niivue.umd.js";
+const OVERLAY_OPACITY = 0.5;
 
 const $ = (id) => document.getElementById(id);
 
@@ -101,6 +105,101 @@ function showOod(ood) {
     : `Intensities like the training sites' (score ${ood.score.toFixed(2)} ≤ ${ood.threshold.toFixed(2)}, nearest ${ood.nearest_site}${expected}).`;
 }
 
+// ---- NiiVue viewer -------------------------------------------------------------------------------------
+// The bundle loads in the background when the page opens; a missing bundle or no WebGL2 leaves the
+// server-rendered slices as the view (document.body.dataset.viewer says which, and why).
+
+const niivueReady = new Promise((resolve) => {
+  const script = document.createElement("script");
+  script.src = NIIVUE_URL;
+  script.onload = () => resolve(window.niivue || null);
+  script.onerror = () => resolve(null);
+  document.head.append(script);
+});
+let viewer = null; // one Niivue instance, reused for every upload
+
+function hasWebGL2() {
+  try {
+    return !!document.createElement("canvas").getContext("webgl2");
+  } catch (err) {
+    return false;
+  }
+}
+
+async function isZip(file) {
+  const head = new Uint8Array(await file.slice(0, 4).arrayBuffer());
+  return head[0] === 0x50 && head[1] === 0x4b && head[2] === 0x03 && head[3] === 0x04; // "PK\3\4"
+}
+
+function labelColormap(labels) {
+  // Discrete lookup table: 0 transparent, the others in the legend's colours (shared/labels.py names).
+  const ids = [0, ...labels.map((v) => v.label).filter((l) => l > 0)].sort((a, b) => a - b);
+  const rgb = (l, k) => (l === 0 ? 0 : (COLORS[l] || [128, 128, 128])[k]);
+  const names = Object.fromEntries(labels.map((v) => [v.label, v.name]));
+  return {
+    R: ids.map((l) => rgb(l, 0)), G: ids.map((l) => rgb(l, 1)), B: ids.map((l) => rgb(l, 2)),
+    A: ids.map((l) => (l === 0 ? 0 : 255)), I: ids, labels: ids.map((l) => names[l] || (l === 0 ? "background" : `label ${l}`)),
+  };
+}
+
+function setSliceType(name) {
+  if (!viewer) return;
+  const types = window.niivue.SLICE_TYPE;
+  viewer.setSliceType({ multiplanar: types.MULTIPLANAR, axial: types.AXIAL, coronal: types.CORONAL,
+                        sagittal: types.SAGITTAL }[name]);
+  for (const b of document.querySelectorAll("#viewer [data-slice]")) b.classList.toggle("active", b.dataset.slice === name);
+}
+
+function useSlices(reason) {
+  $("viewer").hidden = true;
+  $("views-caption").hidden = true;
+  document.querySelector(".views").classList.remove("compact");
+  document.body.dataset.viewer = "slices";
+  document.body.dataset.viewerReason = reason;
+}
+
+async function showViewer(file, segmentation, labels) {
+  // A NIfTI upload: the browser has the file, NiiVue reads it directly; the label map comes from the
+  // same response. A DICOM zip is not something NiiVue can open: the server slices are its view.
+  if (await isZip(file)) return useSlices("DICOM series: server-rendered slices");
+  const nv = await niivueReady;
+  if (!nv) return useSlices("NiiVue bundle not available (run scripts/vendor-niivue.sh)");
+  if (!hasWebGL2()) return useSlices("no WebGL2 in this browser");
+  try {
+    $("viewer").hidden = false; // laid out before NiiVue measures the canvas
+    $("views-caption").hidden = false;
+    document.querySelector(".views").classList.add("compact"); // the slices stay, smaller, under the viewer
+    if (!viewer) {
+      viewer = new nv.Niivue({
+        backColor: [0, 0, 0, 1], crosshairColor: [0.2, 0.9, 0.3, 0.8], crosshairWidth: 0.25, dragAndDropEnabled: false, isColorbar: false,
+        multiplanarShowRender: nv.SHOW_RENDER.NEVER, show3Dcrosshair: false, loadingText: "",
+      });
+      await viewer.attachToCanvas($("niivue"));
+      viewer.setInterpolation(true); // nearest neighbour: label edges stay on voxel boundaries
+      viewer.onLocationChange = (data) => { $("location").textContent = data.string; };
+      window.fedmriViewer = viewer; // for the browser test and the console
+    }
+    while (viewer.volumes.length) viewer.removeVolumeByIndex(viewer.volumes.length - 1);
+    // Neutral names: NiiVue picks the reader by extension, and the patient's file name is not shown.
+    const name = /\.nii$/i.test(file.name) ? "upload.nii" : "upload.nii.gz";
+    const image = await nv.NVImage.loadFromFile({ file: new File([file], name), name });
+    const overlay = await nv.NVImage.loadFromFile({
+      file: new File([segmentation], "segmentation.nii.gz"), name: "segmentation.nii.gz",
+      opacity: Number($("overlay-opacity").value) || OVERLAY_OPACITY,
+    });
+    overlay.setColormapLabel(labelColormap(labels));
+    viewer.addVolume(image);
+    viewer.addVolume(overlay);
+    viewer.updateGLVolume();
+    setSliceType("multiplanar");
+    viewer.resizeListener();
+    document.body.dataset.viewer = "niivue";
+    document.body.dataset.viewerReason = "";
+  } catch (err) {
+    useSlices("viewer failed: " + err.message);
+  }
+}
+
 async function loadModels() {
   try {
     const response = await fetch("/v1/models", { headers: apiHeaders() });
@@ -136,6 +235,7 @@ async function segment(event) {
     showVolumes(result);
     showOod(result.ood);
     $("result").hidden = false;
+    await showViewer(file, decode(result.preview.segmentation_nii_gz), result.labels);
     setStatus("Done.");
     document.body.dataset.state = "done";
   } catch (err) {
@@ -149,4 +249,10 @@ async function segment(event) {
 $("api-key").value = sessionStorage.getItem("fedmri-api-key") || "";
 $("api-key").addEventListener("change", loadModels);
 $("upload-form").addEventListener("submit", segment);
+$("overlay-opacity").addEventListener("input", (e) => {
+  if (viewer && viewer.volumes.length > 1) viewer.setOpacity(1, Number(e.target.value));
+});
+for (const button of document.querySelectorAll("#viewer [data-slice]")) {
+  button.addEventListener("click", () => setSliceType(button.dataset.slice));
+}
 loadModels();
