@@ -33,6 +33,7 @@ app = ClientApp()
 log = logging.getLogger(__name__)
 
 LOCAL_NORM_KEY = "fedbn-local-norm"
+OOD_KEY = "ood-reference"  # the reply's record with the site's intensity summary (``shared.ood``)
 EARLY_EVAL_PREFIX = "eval/"  # as server.federation.strategy.EARLY_EVAL_PREFIX (not imported: server code)
 
 
@@ -215,8 +216,22 @@ def train(msg: Message, context: Context) -> Message:
     arrays = ArrayRecord(torch_state_dict=state)
     watch.lap("serialize")
     metrics.update({**_cache_delta(counts), "threads": torch.get_num_threads(), **watch.metrics()})
-    content = RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"name": site})})
+    content = RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"name": site}),
+                          OOD_KEY: _ood_reference(context, split)})
     return Message(content=content, reply_to=msg)
+
+
+def _ood_reference(context: Context, split) -> ConfigRecord:
+    """This site's aggregate, affine-invariant intensity summary of its training volumes (``shared.ood``: counts,
+    means and spreads, never an image or one volume's features), computed once per run and kept in the node's
+    state; the server stores it with the model so the API can warn about scans unlike any site's."""
+    if OOD_KEY not in context.state:
+        from shared.io import load_volume
+        from shared.ood import site_metrics, site_reference
+
+        reference = site_reference(load_volume(case["image"])[0] for case in split.train)
+        context.state[OOD_KEY] = ConfigRecord(site_metrics(reference))
+    return context.state[OOD_KEY]
 
 
 @app.evaluate()

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 from server.federation.polling import DEFAULT_POLL_INTERVAL
 from server.federation.strategy import build_strategy, resolve_eval_with_train
 from shared.model import build_unet, norm_parameter_names, split_norm_state
+from shared.ood import build_record, write_ood
 from shared.registry import load_server_state, mark_served, resume_point, save_model, save_server_state
 from shared.runconfig import RunConfig
 from shared.runlog import RUN_LOG_NAME, RunLog, default_run_name, run_dir_for
@@ -98,6 +99,8 @@ def run_rounds(grid: Grid, run_config: Mapping) -> str:
 
     def write_round(entry: dict) -> None:
         save_model(registry, entry["version"], entry["state"], mcfg, dcfg, **entry["meta"])
+        if strategy.ood_refs:  # what the API compares uploads with (OOD warning)
+            write_ood(registry, entry["version"], build_record(strategy.ood_refs))
         if entry["server_state"]:
             save_server_state(registry, entry["version"], entry["server_state"])
         runlog.write("round", **entry["log"])

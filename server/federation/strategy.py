@@ -20,11 +20,14 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from server.federation.polling import DEFAULT_POLL_INTERVAL, PollingGrid
+from shared.ood import site_from_metrics
 from shared.runconfig import RunConfig
 
 __all__ = ["SiteAwareStrategy", "build_strategy", "check_update", "short_reason", "EARLY_EVAL_PREFIX",
            "resolve_eval_with_train"]
 
+# Train replies carry the site's aggregate intensity summary under this record (client/app.py).
+OOD_RECORD = "ood-reference"
 # Train replies carry the evaluation of the model they were sent (eval-with-train) under this prefix.
 EARLY_EVAL_PREFIX = "eval/"
 
@@ -115,6 +118,7 @@ class SiteAwareStrategy:
         self.round_offset = round_offset
         self.norm_state = norm_state
         self.site_of: dict[int, str] = {}
+        self.ood_refs: dict[str, dict] = {}  # site -> its aggregate intensity summary (shared.ood)
         self._sent: dict[str, list[Message]] = {}
         self.current: dict = {}
         self.reset_round()
@@ -254,6 +258,8 @@ class SiteAwareStrategy:
                 log.warning("round %d: rejected update from site %s: %s", self.global_round(server_round), site, problem)
                 continue
             self.current["sites"].setdefault(site, {})["train"] = metrics
+            if OOD_RECORD in msg.content.config_records and (ref := site_from_metrics(dict(msg.content[OOD_RECORD]))):
+                self.ood_refs[site] = ref
             accepted.append(msg)
         if early:
             contents = [RecordDict({"metrics": MetricRecord({k: v for k, v in m.items() if not k.startswith("time_")})})

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from server.federation import run_federation
-from server.federation.runlog import read_run_log, round_records
+from shared.runlog import read_run_log, round_records
+from shared.ood import read_ood
 from shared.registry import load_model, read_meta, served_version
 
 from .helpers import Tracker, tiny_config
@@ -68,6 +69,16 @@ def test_simulation_writes_a_checkpoint_every_round_and_serves_the_last(sim_run)
     r2 = torch.load(result.registry / "sim-r2" / "model.pt", weights_only=True)
     assert any(not torch.equal(r1[k], r2[k]) for k in r1)
     assert leftovers == set()  # every Flower process it started is gone, helpers in other sessions too
+
+
+def test_every_checkpoint_carries_each_sites_intensity_summary_for_the_ood_check(sim_run):
+    result, _, _ = sim_run
+    for rnd in (1, 2):
+        record = read_ood(result.registry, f"sim-r{rnd}")
+        assert record is not None and sorted(record["sites"]) == SITES
+        for ref in record["sites"].values():  # aggregates only: counts, means and spreads, no volume
+            assert ref["n"] >= 1 and len(ref["mean"]) == len(ref["ss"]) == len(record["features"])
+        assert record["threshold"] > 0 and record["stops"]
 
 
 def test_run_log_keeps_per_site_loss_and_dice_every_round(sim_run):
