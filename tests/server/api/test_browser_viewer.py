@@ -23,8 +23,16 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[3]
 BUNDLE = REPO / "server" / "api" / "static" / "vendor" / "niivue.umd.js"
 # SwiftShader WebGL2 (see the notes on headless Chromium): the flags that give a WebGL2 context here.
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-                  "--disable-quic", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1280,1400")
+CHROMIUM_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,1400",
+)
 
 # Pixels of the viewer's WebGL canvas: all, non-black, and coloured (not grey), read right after a redraw.
 READ_CANVAS = """
@@ -104,14 +112,16 @@ def test_niivue_viewer_shows_the_overlay_in_three_planes(live_server, site_case,
     browser = _chrome(tmp_path)
     try:
         browser.get(live_server["url"] + "/")
-        assert browser.execute_script("return !!document.createElement('canvas').getContext('webgl2')"), \
+        assert browser.execute_script("return !!document.createElement('canvas').getContext('webgl2')"), (
             "no WebGL2 in headless Chromium with SwiftShader"
+        )
         assert _upload(browser, upload) == "done", browser.find_element(By.ID, "status").text
         body = browser.find_element(By.TAG_NAME, "body")
         assert body.get_attribute("data-viewer") == "niivue", body.get_attribute("data-viewer-reason")
         assert browser.find_element(By.ID, "niivue").is_displayed()
         volumes = browser.execute_script(
-            "return window.fedmriViewer.volumes.map(v => [v.name, Array.from(v.hdr.dims.slice(1, 4)), v.opacity])")
+            "return window.fedmriViewer.volumes.map(v => [v.name, Array.from(v.hdr.dims.slice(1, 4)), v.opacity])"
+        )
         assert [v[0] for v in volumes] == ["upload.nii.gz", "segmentation.nii.gz"]  # no patient file name
         assert volumes[0][1] == volumes[1][1] == list(img.shape[:3]) and 0 < volumes[1][2] < 1
         assert browser.execute_script("return window.fedmriViewer.opts.sliceType") == 3  # multiplanar
@@ -157,11 +167,16 @@ def test_without_webgl2_the_page_shows_server_slices(live_server, site_case, tmp
 
     browser = _chrome(tmp_path)
     try:
-        browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": """
+        browser.execute_cdp_cmd(
+            "Page.addScriptToEvaluateOnNewDocument",
+            {
+                "source": """
             const getContext = HTMLCanvasElement.prototype.getContext;
             HTMLCanvasElement.prototype.getContext = function (kind, ...rest) {
               return kind === 'webgl2' ? null : getContext.call(this, kind, ...rest);
-            };"""})
+            };"""
+            },
+        )
         browser.get(live_server["url"] + "/")
         assert _upload(browser, site_case[0]) == "done", browser.find_element(By.ID, "status").text
         body = browser.find_element(By.TAG_NAME, "body")
