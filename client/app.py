@@ -26,7 +26,7 @@ from shared.inferer import resolve_device
 from shared.model import build_unet, norm_parameter_names, split_norm_state
 from shared.runconfig import RunConfig
 from shared.site_state import load_local_state, local_state_path, save_local_state
-from shared.training import DEFAULT_LR_SCHEDULE, evaluate, load_site, planned_steps, train_epochs
+from shared.training import evaluate, load_site, planned_steps, train_epochs
 
 timing.imports_done()
 app = ClientApp()
@@ -149,7 +149,8 @@ def _apply_global(model: torch.nn.Module, state: dict, context: Context, cfg: Ru
     missing, unexpected = model.load_state_dict(state, strict=False)
     # FedBN's first round may lack norm keys (nothing local yet); anything else is a mismatch.
     if unexpected or (set(missing) - (norm_keys if cfg.fedbn else set())):
-        raise ValueError(f"global model does not match this network: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        raise ValueError(f"global model does not match this network: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
 
 
 def _corrupt(state: dict, kind: str) -> dict:
@@ -190,7 +191,7 @@ def train(msg: Message, context: Context) -> Message:
             model, loader, epochs=cfg.local_epochs, lr=cfg.lr, device=resolve_device(cfg.device),
             proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
             max_steps=cfg.max_steps or None,
-            lr_schedule=getattr(cfg, "lr_schedule", DEFAULT_LR_SCHEDULE),  # decays over all rounds
+            lr_schedule=cfg.lr_schedule, class_weights=cfg.class_weights,  # the schedule spans all rounds
             step_offset=(round_ - 1) * per_round, total_steps=cfg.num_server_rounds * per_round,
         )
     watch.lap("train")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install fedmri with everything it needs; safe to run again (does nothing new).
-# Usage: scripts/bootstrap.sh [--browser]   (--browser also installs Debian chromium for the UI test)
+# Usage: scripts/bootstrap.sh [--browser]   (--browser also installs Debian chromium for the UI tests and
+# Orthanc with its DICOMweb plugin for the PACS round-trip test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,11 +20,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-if [ "${1:-}" = "--browser" ] && ! command -v chromium >/dev/null 2>&1; then
+if [ "${1:-}" = "--browser" ] && { ! command -v chromium >/dev/null 2>&1 || ! command -v Orthanc >/dev/null 2>&1; }; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver orthanc orthanc-dicomweb >/dev/null
   else
-    echo "note: chromium not installed (needs root: apt-get install chromium chromium-driver); the browser test will be skipped" >&2
+    echo "note: chromium/Orthanc not installed (needs root: apt-get install chromium chromium-driver orthanc" \
+         "orthanc-dicomweb); the browser and PACS tests will be skipped" >&2
   fi
 fi
 

@@ -13,17 +13,8 @@ fedmri generate --out data                                   # 4 hospitals, MNI1
 run="demo-$(date -u +%Y%m%d-%H%M%S)"
 fedmri federate --mode simulation --data data --out runs --run-name "$run" \
   --rounds 8 --local-epochs 40 --max-steps 28 --lr 0.003 \
-  --roi-size 48,48,48 --samples-per-volume 4                 # Flower simulation -> runs/registry
-# Serve the round with the best federated validation Dice (held-out training cases, never imagesTs/).
-python - "$run" <<'PY'
-import sys
-from shared.registry import mark_served
-from shared.training import select_checkpoint
-version = select_checkpoint("runs/registry", sys.argv[1])
-if version:
-    mark_served("runs/registry", version)
-    print(f"serving {version} (best validation Dice of run {sys.argv[1]})")
-PY
+  --roi-size 48,48,48 --samples-per-volume 4 \
+  --select-checkpoint best-val                               # serve the round with the best validation Dice
 fedmri report --data data --registry runs/registry --out runs/reports
 echo "Report: $PWD/runs/reports/<model version>/report.html"
 exec fedmri serve --host 127.0.0.1 --port "${FEDMRI_PORT:-8080}" --registry runs/registry

@@ -31,6 +31,7 @@ from pydantic import (
 
 from shared.data import DataConfig
 from shared.model import NORMS, ModelConfig
+from shared.training import DEFAULT_CLASS_WEIGHTS, DEFAULT_LR_SCHEDULE, LR_SCHEDULES
 
 __all__ = ["CLI_GROUPS", "STRATEGIES", "FAULTS", "RunConfig", "run_config_defaults"]
 
@@ -74,6 +75,8 @@ FloatList = Annotated[tuple[float, ...], _split(float, "numbers"), PlainSerializ
 NameList = Annotated[tuple[str, ...], _split(str, "names"), PlainSerializer(_join, return_type=str)]
 Norm = Annotated[Literal[NORMS], BeforeValidator(_lower)]
 Strategy = Annotated[Literal[STRATEGIES], BeforeValidator(_lower)]
+Schedule = Annotated[Literal[LR_SCHEDULES], BeforeValidator(_lower)]
+CHECKPOINT_CHOICES = ("last", "best-val")
 
 
 def _field(default: Any, help: str, cli: str | None = None, flags: tuple[str, ...] = (), **bounds) -> Any:
@@ -110,6 +113,9 @@ class RunConfig(BaseModel):
     )
     round_timeout: float = _field(600.0, "seconds the server waits for site replies per round", "federation", gt=0)
     hd95: bool = _field(False, "also compute HD95 in federated evaluation", "federation")
+    select_checkpoint: Literal[CHECKPOINT_CHOICES] = _field(
+        "last", "which round's checkpoint is served: the last, or the best federated validation Dice "
+        "(held-out training cases, never test cases)", "federation")
     fault_inject: str = _field(
         "", "'<site>:nan|inf|shape': that site sends a corrupt update (fault drills)", "federation"
     )
@@ -126,8 +132,16 @@ class RunConfig(BaseModel):
     spacing: FloatList = _field(DataConfig.spacing, "resample to this voxel size (mm)", "data")
     batch_size: int = _field(DataConfig.batch_size, "volumes per optimiser step", "data", ge=1)
     samples_per_volume: int = _field(DataConfig.samples_per_volume, "random crops per loaded volume", "data", ge=1)
+    crop_ratios: FloatList = _field(
+        DataConfig.crop_ratios, "relative chance that a crop is centred on background, GM, WM, lesion", "data")
+    gamma_prob: float = _field(
+        DataConfig.gamma_prob, "chance of a random range-preserving gamma curve per crop", "data", ge=0, le=1)
     # Optimiser
     lr: float = _field(0.001, "client Adam learning rate", "train", gt=0)
+    lr_schedule: Schedule = _field(
+        DEFAULT_LR_SCHEDULE, "learning-rate decay over all rounds: constant, poly or cosine", "train")
+    class_weights: FloatList = _field(
+        DEFAULT_CLASS_WEIGHTS, "cross-entropy weight of background, GM, WM, lesion (Dice stays unweighted)", "train")
     max_steps: int = _field(0, "cap on optimiser steps per site and round (0: whole epochs)", "train", ge=0)
     augment: bool = _field(
         False,
@@ -181,6 +195,13 @@ class RunConfig(BaseModel):
             raise ValueError(f"duplicate site names in {','.join(value)!r}")
         return value
 
+    @field_validator("class_weights")
+    @classmethod
+    def _class_weights(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if len(value) != len(DEFAULT_CLASS_WEIGHTS) or min(value) <= 0:
+            raise ValueError(f"expected {len(DEFAULT_CLASS_WEIGHTS)} positive numbers, got {_join(value)!r}")
+        return value
+
     @field_validator("channels")
     @classmethod
     def _channels(cls, value: tuple[int, ...]) -> tuple[int, ...]:
@@ -231,6 +252,8 @@ class RunConfig(BaseModel):
             roi_size=self.roi_size,
             batch_size=self.batch_size,
             samples_per_volume=self.samples_per_volume,
+            crop_ratios=self.crop_ratios,
+            gamma_prob=self.gamma_prob,
             zscore=self.zscore,
         )
 

@@ -20,6 +20,7 @@ from shared.ood import build_record, write_ood
 from shared.registry import load_server_state, mark_served, resume_point, save_model, save_server_state
 from shared.runconfig import RunConfig
 from shared.runlog import RUN_LOG_NAME, RunLog, default_run_name, run_dir_for
+from shared.training import select_checkpoint
 
 __all__ = ["run_rounds"]
 
@@ -27,7 +28,9 @@ __all__ = ["run_rounds"]
 log = logging.getLogger("flwr.fedmri")
 
 
-def _complete_state(arrays: ArrayRecord, norm_state: ArrayRecord | None, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _complete_state(
+    arrays: ArrayRecord, norm_state: ArrayRecord | None, reference: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Global weights (+ FedBN's averaged norm layers) in the reference dtypes, as a full state dict."""
     state = arrays.to_torch_state_dict()
     if norm_state is not None:
@@ -68,7 +71,8 @@ def run_rounds(grid: Grid, run_config: Mapping) -> str:
     if start_round >= cfg.num_server_rounds:
         version = f"{run_name}-r{start_round}"
         mark_served(registry, version)
-        runlog.write("end", run_name=run_name, status="completed", version=version, rounds=start_round, note="nothing to resume")
+        runlog.write("end", run_name=run_name, status="completed", version=version, rounds=start_round,
+                     note="nothing to resume")
         return version
 
     shared, norm = split_norm_state(state, norm_keys) if cfg.fedbn else (state, {})
@@ -143,7 +147,8 @@ def run_rounds(grid: Grid, run_config: Mapping) -> str:
         last.clear()
         last.update(entry)
         summary = "  ".join(
-            f"{name}: loss {_fmt(info.get('train', {}).get('train_loss'))} dice {_fmt(info.get('eval', {}).get('dice_mean'))}"
+            f"{name}: loss {_fmt(info.get('train', {}).get('train_loss'))} "
+            f"dice {_fmt(info.get('eval', {}).get('dice_mean'))}"
             for name, info in sites.items())
         log.info("round %d/%d (%.1fs) %s%s", rnd, cfg.num_server_rounds, seconds, summary,
                  f"  missing: {','.join(missing)}" if missing else "")
@@ -160,6 +165,8 @@ def run_rounds(grid: Grid, run_config: Mapping) -> str:
         evaluate_fn=end_of_round,
     )
     final = f"{run_name}-r{cfg.num_server_rounds}"
+    if cfg.select_checkpoint == "best-val":  # federated validation Dice of held-out training cases only
+        final = select_checkpoint(registry, run_name) or final
     if not updated_rounds and not start_round:
         runlog.write("end", run_name=run_name, status="failed", version=None, rounds=cfg.num_server_rounds,
                      reason="no round had min-sites valid updates")
