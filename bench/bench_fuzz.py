@@ -40,6 +40,9 @@ def main() -> int:
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "pytest_tail": proc.stdout[-3000:],
     }
+    if "= FAILURES =" in proc.stdout:  # the falsifying example and its reproduction blob
+        failure = proc.stdout.split("= FAILURES =", 1)[1].split("warnings summary", 1)[0]
+        result["failure"] = "\n".join(line for line in failure.splitlines() if "nvImageCodec" not in line)[-6000:]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "fuzz.json").write_text(json.dumps(result, indent=2) + "\n")
     print(proc.stdout[-3000:])

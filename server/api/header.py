@@ -206,7 +206,9 @@ def _qform(hdr: nib.Nifti1Header, warnings: list[str]) -> tuple[np.ndarray | Non
     if not np.all(np.isfinite(bcd)):
         return None, "quaternion quatern_b/c/d is not finite"
     norm = float(bcd @ bcd)
-    if norm - 1 >= abs(float(hdr.quaternion_threshold)):  # nibabel's fillpositive tolerance
+    try:  # nibabel's own test (extended precision, its tolerance), so nothing it refuses gets through
+        hdr.get_qform_quaternion()
+    except ValueError:
         return None, f"quaternion norm quatern_b^2+c^2+d^2 = {norm:.6g} exceeds 1"
     offsets = np.asarray([hdr["qoffset_x"], hdr["qoffset_y"], hdr["qoffset_z"]], dtype=np.float64)
     if not np.all(np.isfinite(offsets)):
@@ -261,7 +263,7 @@ def _check_geometry(hdr: nib.Nifti1Header, shape: tuple[int, ...], source: str, 
     if scode and sform is not None:
         if qcode and qform is None:
             warnings.append(f"qform ignored: {q_problem}; qform rewritten from the sform")
-            hdr.set_qform(sform, code=qcode)
+            _set_qform(hdr, sform, qcode)
         _pixdim_from(hdr, sform, warnings)
         return sform
     if qcode and qform is not None:
@@ -272,6 +274,21 @@ def _check_geometry(hdr: nib.Nifti1Header, shape: tuple[int, ...], source: str, 
     problems = [p for p in (q_problem, s_problem) if p]
     raise InvalidVolumeError(
         f"{source}: invalid NIfTI header: {' and '.join(problems)}; no valid qform or sform to use")
+
+
+def _set_qform(hdr: nib.Nifti1Header, affine: np.ndarray, code: int) -> None:
+    """``set_qform`` whose quaternion nibabel can read back.
+
+    For a 180-degree rotation nibabel may store b, c, d with b^2+c^2+d^2 a few ulp above 1, beyond
+    its own reading tolerance (NIfTI-2's float64 fields); shrink them by 1e-12 then.
+    """
+    hdr.set_qform(affine, code=code)
+    try:
+        hdr.get_qform_quaternion()
+    except ValueError:
+        bcd = np.asarray([hdr["quatern_b"], hdr["quatern_c"], hdr["quatern_d"]], dtype=np.float64)
+        bcd *= (1 - 1e-12) / np.sqrt(bcd @ bcd)
+        hdr["quatern_b"], hdr["quatern_c"], hdr["quatern_d"] = bcd
 
 
 def _pixdim_from(hdr: nib.Nifti1Header, affine: np.ndarray, warnings: list[str]) -> None:

@@ -116,6 +116,21 @@ def test_broken_sform_falls_back_to_the_qform(version, srow, value, problem):
     np.testing.assert_allclose(sform, LPS, atol=1e-4)
 
 
+def test_qform_rewritten_from_a_rotated_sform_reads_back():
+    """Found by Hypothesis: nibabel's set_qform can store a NIfTI-2 quaternion it then refuses to read."""
+    sform = np.array([[-2.0, 6.714715653593746e-19, 9.081024511081715e-18, 117.8551025390625],
+                      [-6.714715653593746e-19, 1.9737114906311035, -0.35552823543548584, -35.72294235229492],
+                      [8.25548088896093e-18, 0.3232076168060303, 2.171081781387329, -7.248798370361328],
+                      [0, 0, 0, 1]])
+    hdr = _header(2, affine=sform)
+    hdr["pixdim"][1] = 0.0  # breaks the qform: it is rewritten from the sform
+    checked = _check(hdr)
+    assert any(w.startswith("qform ignored") for w in checked.warnings), checked.warnings
+    qform, code = checked.header.get_qform(coded=True)  # what save_segmentation calls
+    assert code == 1
+    np.testing.assert_allclose(qform, sform, atol=1e-4)  # the 1e-12 shrink turns it by ~3e-6 rad
+
+
 def test_both_forms_broken_is_422_naming_both():
     hdr = _header()
     hdr["quatern_b"], hdr["srow_x"] = np.nan, [np.inf, 0, 0, 0]
