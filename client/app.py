@@ -73,10 +73,10 @@ def _cache_at(root: str) -> SiteCache | None:
     return _CACHES.get(root) if root else None
 
 
-def _cache_root(context: Context, data_dir: Path) -> str:
+def _cache_root(context: Context, data_dir: Path, enabled: bool) -> str:
     """The site's own cache folder: node config ``cache-dir``, else ``<data-dir>/.fedmri-cache``; "" when the
     run config turns it off (``site-cache = false``) or the folder is not writable (e.g. a read-only data mount)."""
-    if not _flag(context.run_config.get("site-cache", True)) or not Path(data_dir).is_dir():
+    if not enabled or not Path(data_dir).is_dir():
         return ""  # (a missing site folder is reported by the loader, and nothing is created for it)
     root = str(context.node_config.get("cache-dir", "") or Path(data_dir) / DEFAULT_CACHE_NAME)
     if not SiteCache(root).usable():
@@ -120,7 +120,7 @@ def _load(context: Context, msg: Message):
     cfg = RunConfig.from_run_config(context.run_config)
     site, data_dir = _site_of(context, cfg)
     data_cfg = cfg.data_config()
-    cache_root = _cache_root(context, data_dir)
+    cache_root = _cache_root(context, data_dir, cfg.site_cache)
     with _named(site):
         split, loader = _site_data(str(data_dir), tuple(sorted((k, v) for k, v in vars(data_cfg).items())), cfg.seed,
                                    cache_root)

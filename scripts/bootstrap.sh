@@ -19,6 +19,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -e ".[dev]"
   echo "$want" > "$stamp"
 fi
+scripts/vendor-niivue.sh   # NiiVue bundle for the web page (npm at install time only; without npm: a note, exit 0)
 
 if [ "${1:-}" = "--browser" ] && { ! command -v chromium >/dev/null 2>&1 || ! command -v Orthanc >/dev/null 2>&1; }; then
   if [ "$(id -u)" = 0 ]; then

@@ -79,6 +79,13 @@ Schedule = Annotated[Literal[LR_SCHEDULES], BeforeValidator(_lower)]
 CHECKPOINT_CHOICES = ("last", "best-val")
 
 
+def _tristate(value: Any) -> Any:
+    return str(value).lower() if isinstance(value, (bool, str)) else value
+
+
+Tristate = Annotated[Literal["auto", "true", "false"], BeforeValidator(_tristate)]
+
+
 def _field(default: Any, help: str, cli: str | None = None, flags: tuple[str, ...] = (), **bounds) -> Any:
     """A run-config field: its help text, CLI group and extra flag spellings travel with it."""
     extra = {"cli": cli, "flags": list(flags)} if cli else None
@@ -113,6 +120,15 @@ class RunConfig(BaseModel):
     )
     round_timeout: float = _field(600.0, "seconds the server waits for site replies per round", "federation", gt=0)
     hd95: bool = _field(False, "also compute HD95 in federated evaluation", "federation")
+    eval_with_train: Tristate = _field(
+        "auto", "sites send validation metrics with the next round's train reply, one message per site and round "
+        "(auto: on in native mode, where each message costs a fresh ClientApp process; off in simulation)",
+        "federation")
+    poll_interval: float = _field(
+        0.2, "seconds between the ServerApp's checks for replies (Flower's own default is 3)", "federation", gt=0)
+    site_cache: bool = _field(
+        True, "sites keep preprocessed volumes on their own disk (node config cache-dir, default "
+        "<data-dir>/.fedmri-cache)", "federation")
     select_checkpoint: Literal[CHECKPOINT_CHOICES] = _field(
         "last", "which round's checkpoint is served: the last, or the best federated validation Dice "
         "(held-out training cases, never test cases)", "federation")

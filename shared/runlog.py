@@ -10,7 +10,7 @@ What a run writes, for ``out_dir`` and ``run_name``:
   metrics are written as ``null``. Records:
 
   ``{"event": "start", "time", "run_name", "strategy", "fedbn", "norm", "sites", "start_round",
-  "num_rounds", "resumed_from", "config"}``
+  "num_rounds", "resumed_from", "restored", "config"}``  (``restored``: server optimiser state put back on resume)
 
   ``{"event": "round", "time", "run_name", "round": k, "seconds",
   "participants": [sites whose update was aggregated],
@@ -19,10 +19,17 @@ What a run writes, for ``out_dir`` and ``run_name``:
   "num-examples"}, "eval": {"dice_1", "dice_2", "dice_3", "dice_mean", ["hd95_1".."hd95_3"],
   "eval_on_train", "num-examples"}}},
   "failed": [{"site", "phase": "train"|"evaluate", "reason"}],   # the site's ClientApp raised
+  "refused": [{"site", "node_id", "phase", "reason"}],            # site name not believed (identity check)
   "rejected": [{"site", "phase", "reason"}],                      # NaN/Inf/wrong-shape update
   "no_reply": [{"site", "phase"}],                                # no answer (node down, timeout)
   "aggregated": {"train": {...} | null, "eval": {...} | null}, "updated": bool,
-  "global_finite": bool, "checkpoint": "<run-name>-r<k>"}``
+  "global_finite": bool, "checkpoint": "<run-name>-r<k>", ["eval_late": true]}``
+
+  Train metrics also carry ``time_*`` phase timings, ``cache_hits``/``cache_built`` (the site's disk cache)
+  and ``threads``; train and eval entries carry ``time_sent``/``time_arrived`` (wall clock at the server).
+  With eval-with-train a round's evaluation arrives with the next round's train replies: the round is
+  then written again with its ``eval`` filled in and ``"eval_late": true`` (``round_records`` keeps the
+  latest record of each round).
 
   ``{"event": "end", "time", "run_name", "status": "completed"|"failed", "version", "rounds",
   "updated_rounds" | "reason"}``

@@ -13,7 +13,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from server.federation.polling import DEFAULT_POLL_INTERVAL
 from server.federation.strategy import build_strategy, resolve_eval_with_train
 from shared.model import build_unet, norm_parameter_names, split_norm_state
 from shared.ood import build_record, write_ood
@@ -84,9 +83,8 @@ def run_rounds(grid: Grid, run_config: Mapping) -> str:
         expected_sites=cfg.sites,
         round_offset=start_round,
         norm_state=ArrayRecord(torch_state_dict=norm) if norm else None,
-        eval_with_train=resolve_eval_with_train(
-            getattr(cfg, "eval_with_train", run_config.get("eval-with-train", "auto")), grid),
-        poll_interval=float(getattr(cfg, "poll_interval", run_config.get("poll-interval", DEFAULT_POLL_INTERVAL))),
+        eval_with_train=resolve_eval_with_train(cfg.eval_with_train, grid),
+        poll_interval=cfg.poll_interval,
         identities=read_identities(cfg.site_identities),
     )
     restored = strategy.load_optimizer_state(server_state)
