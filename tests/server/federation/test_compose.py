@@ -18,7 +18,7 @@ from server.cli import build_parser
 from server.federation.launcher import FLOWER_ENV, superexec_command, superlink_command, supernode_command
 from shared.synth import DEMO_SITES
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SITES = [s.name for s in DEMO_SITES]
 COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
 FLOWER_SERVICES = {"superlink", "serverapp"} | {f"{k}-{s}" for s in SITES for k in ("supernode", "clientapp")}

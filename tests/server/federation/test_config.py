@@ -15,7 +15,7 @@ from server.federation import FederationError, run_federation
 from server.federation.launcher import check_reachable, free_port
 from shared.runconfig import RunConfig, run_config_defaults
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_pyproject_declares_every_run_config_key_with_the_app_defaults():

@@ -10,7 +10,7 @@ import pytest
 
 from server.federation.launcher import LocalFederation, flower_env, free_port, supernode_command
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.slow
 
 

@@ -18,7 +18,7 @@ from shared.runlog import read_run_log, round_records
 
 from .helpers import tiny_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.slow
 
 
