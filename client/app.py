@@ -8,6 +8,7 @@ from __future__ import annotations
 
 # isort: off
 from client import timing  # first: marks when this module's imports begin (bench/bench_native.py)
+
 # isort: on
 import logging
 from contextlib import contextmanager
@@ -111,8 +112,11 @@ def _named(site: str):
     try:
         yield
     except Exception as exc:
-        raise type(exc)(f"site {site}: {exc}") if isinstance(exc, (InvalidSiteError, ValueError)) else RuntimeError(
-            f"site {site}: {type(exc).__name__}: {exc}") from None
+        raise (
+            type(exc)(f"site {site}: {exc}")
+            if isinstance(exc, (InvalidSiteError, ValueError))
+            else RuntimeError(f"site {site}: {type(exc).__name__}: {exc}")
+        ) from None
 
 
 def _load(context: Context, msg: Message):
@@ -122,8 +126,9 @@ def _load(context: Context, msg: Message):
     data_cfg = cfg.data_config()
     cache_root = _cache_root(context, data_dir, cfg.site_cache)
     with _named(site):
-        split, loader = _site_data(str(data_dir), tuple(sorted((k, v) for k, v in vars(data_cfg).items())), cfg.seed,
-                                   cache_root)
+        split, loader = _site_data(
+            str(data_dir), tuple(sorted((k, v) for k, v in vars(data_cfg).items())), cfg.seed, cache_root
+        )
     torch.manual_seed(cfg.seed)  # same initial norm layers at every site
     model = build_unet(cfg.network_config())
     if cfg.fedbn and LOCAL_NORM_KEY not in context.state:
@@ -149,8 +154,10 @@ def _apply_global(model: torch.nn.Module, state: dict, context: Context, cfg: Ru
     missing, unexpected = model.load_state_dict(state, strict=False)
     # FedBN's first round may lack norm keys (nothing local yet); anything else is a mismatch.
     if unexpected or (set(missing) - (norm_keys if cfg.fedbn else set())):
-        raise ValueError(f"global model does not match this network: missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]}")
+        raise ValueError(
+            f"global model does not match this network: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
 
 
 def _corrupt(state: dict, kind: str) -> dict:
@@ -188,37 +195,52 @@ def train(msg: Message, context: Context) -> Message:
     per_round = planned_steps(loader, cfg.local_epochs, cfg.max_steps or None)
     with _named(site):
         stats = train_epochs(
-            model, loader, epochs=cfg.local_epochs, lr=cfg.lr, device=resolve_device(cfg.device),
+            model,
+            loader,
+            epochs=cfg.local_epochs,
+            lr=cfg.lr,
+            device=resolve_device(cfg.device),
             proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
             max_steps=cfg.max_steps or None,
-            lr_schedule=cfg.lr_schedule, class_weights=cfg.class_weights,  # the schedule spans all rounds
-            step_offset=(round_ - 1) * per_round, total_steps=cfg.num_server_rounds * per_round,
+            lr_schedule=cfg.lr_schedule,
+            class_weights=cfg.class_weights,  # the schedule spans all rounds
+            step_offset=(round_ - 1) * per_round,
+            total_steps=cfg.num_server_rounds * per_round,
         )
     watch.lap("train")
     state = model.state_dict()
     if cfg.fedbn:
         _, local = split_norm_state(state, norm_parameter_names(model))
         context.state[LOCAL_NORM_KEY] = ArrayRecord(torch_state_dict=local)
-        save_local_state(local_state_path(_site_of(context, cfg)[1], cfg.run_name, context.node_config),
-                         local, round_, cfg.run_name)  # on this site's disk, never sent
+        save_local_state(
+            local_state_path(_site_of(context, cfg)[1], cfg.run_name, context.node_config), local, round_, cfg.run_name
+        )  # on this site's disk, never sent
     fault = cfg.fault_for(site)
     if fault:
         state = _corrupt(state, fault)
-    metrics = MetricRecord({
-        "train_loss": stats["train_loss"],
-        "first_loss": stats["first_loss"],
-        "steps": int(stats["steps"]),
-        "seconds": stats["seconds"],
-        "lr_last": stats["lr_last"],
-        "crop_fingerprint": stats["crop_fingerprint"],
-        "num-examples": len(split.train),
-        **early,
-    })
+    metrics = MetricRecord(
+        {
+            "train_loss": stats["train_loss"],
+            "first_loss": stats["first_loss"],
+            "steps": int(stats["steps"]),
+            "seconds": stats["seconds"],
+            "lr_last": stats["lr_last"],
+            "crop_fingerprint": stats["crop_fingerprint"],
+            "num-examples": len(split.train),
+            **early,
+        }
+    )
     arrays = ArrayRecord(torch_state_dict=state)
     watch.lap("serialize")
     metrics.update({**_cache_delta(counts), "threads": torch.get_num_threads(), **watch.metrics()})
-    content = RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord({"name": site}),
-                          OOD_KEY: _ood_reference(context, split)})
+    content = RecordDict(
+        {
+            "arrays": arrays,
+            "metrics": metrics,
+            "site": ConfigRecord({"name": site}),
+            OOD_KEY: _ood_reference(context, split),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -262,4 +284,3 @@ def _cache_delta(before: dict[str, int]) -> dict[str, int]:
     """This message's site-cache reads and builds (the volumes a fresh process found ready, or had to make)."""
     after = _cache_counts()
     return {"cache_hits": after["hits"] - before["hits"], "cache_built": after["built"] - before["built"]}
-

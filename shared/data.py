@@ -1,8 +1,9 @@
 """Site datasets in the Medical Segmentation Decathlon layout, and the MONAI transform chains.
 
 Any folder with ``imagesTr/ labelsTr/`` (and optionally ``imagesTs/ labelsTs/``) of NIfTI
-files works; images and labels are paired by file name, so no ``dataset.json`` is needed. Intensities are left untouched by default: removing each scanner's (s, b) is the
-network's job (instance norm). Nothing before the network may insert zeros, so padding is
+files works; images and labels are paired by file name, so no ``dataset.json`` is needed.
+Intensities are left untouched by default: removing each scanner's (s, b) is the network's job
+(instance norm). Nothing before the network may insert zeros, so padding is
 replicate/border everywhere.
 """
 
@@ -18,9 +19,18 @@ from shared.errors import InvalidSiteError, InvalidVolumeError
 from shared.io import check_image_header, is_nifti_path, load_nifti
 from shared.labels import NUM_CLASSES
 
-__all__ = ["DataConfig", "find_cases", "validate_cases", "split_train_val", "preprocess_transforms",
-           "train_transforms", "make_train_loader", "make_eval_dataset", "sampling_seed", "reseed_loader"]
-
+__all__ = [
+    "DataConfig",
+    "find_cases",
+    "validate_cases",
+    "split_train_val",
+    "preprocess_transforms",
+    "train_transforms",
+    "make_train_loader",
+    "make_eval_dataset",
+    "sampling_seed",
+    "reseed_loader",
+]
 
 
 @dataclass
@@ -65,8 +75,9 @@ class DataConfig:
         if self.batch_size < 1 or self.samples_per_volume < 1:
             raise ValueError("batch_size and samples_per_volume must be >= 1")
         if len(self.crop_ratios) != NUM_CLASSES or min(self.crop_ratios) < 0 or not any(self.crop_ratios):
-            raise ValueError(f"crop_ratios must be {NUM_CLASSES} non-negative numbers, not all 0, "
-                             f"got {self.crop_ratios}")
+            raise ValueError(
+                f"crop_ratios must be {NUM_CLASSES} non-negative numbers, not all 0, got {self.crop_ratios}"
+            )
         if not 0 <= self.gamma_prob <= 1:
             raise ValueError(f"gamma_prob must be in [0, 1], got {self.gamma_prob}")
         if not 0 <= self.val_fraction < 1:
@@ -91,7 +102,11 @@ def find_cases(site_dir: str | Path, split: str = "train") -> list[dict[str, str
         raise InvalidSiteError(f"site folder not found: {site}")
     tag = "Tr" if split == "train" else "Ts"
     images_dir, labels_dir = site / f"images{tag}", site / f"labels{tag}"
-    images = sorted(p for p in images_dir.glob("*") if p.is_file() and not p.name.startswith(".")) if images_dir.is_dir() else []
+    images = (
+        sorted(p for p in images_dir.glob("*") if p.is_file() and not p.name.startswith("."))
+        if images_dir.is_dir()
+        else []
+    )
     if not images:
         raise InvalidSiteError(f"{site}: no images in images{tag}/ (expected the Decathlon layout imagesTr/ labelsTr/)")
     cases = []
@@ -227,7 +242,6 @@ def make_train_loader(cases: list[dict], cfg: DataConfig, seed: int = 0):
 
 def make_eval_dataset(cases: list[dict], cfg: DataConfig):
     """Whole preprocessed volumes (image and label), one per case, for sliding-window evaluation."""
-    import monai.data as md
     from monai import transforms as mt
 
     data = [{"image": c["image"], "label": c["label"], "name": c.get("name", "")} for c in cases]

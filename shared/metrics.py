@@ -17,13 +17,20 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from shared.labels import FOREGROUND_LABELS, NUM_CLASSES
+from shared.labels import NUM_CLASSES
 
-__all__ = ["per_label_metrics", "agreement_dice", "prediction_agreement", "nanmean", "worst_case_distance",
-           "lesion_detection", "summarize_detection", "LESION_LABEL"]
+__all__ = [
+    "per_label_metrics",
+    "agreement_dice",
+    "prediction_agreement",
+    "nanmean",
+    "worst_case_distance",
+    "lesion_detection",
+    "summarize_detection",
+    "LESION_LABEL",
+]
 
 LESION_LABEL = 3
-
 
 
 def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -139,9 +146,15 @@ def summarize_detection(records: Sequence[dict]) -> dict[str, float]:
         f1 = 0.0 if ref and not pred else float("nan")
     free = [r["pred_volume_ml"] for r in records if r["ref_lesions"] == 0]
     return {
-        "precision": float(precision), "recall": float(recall), "f1": float(f1),
-        "ref_lesions": int(ref), "pred_lesions": int(pred), "detected": int(detected),
-        "fp_lesions": int(pred - true_pred), "n_cases": len(records), "n_lesion_free": len(free),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "ref_lesions": int(ref),
+        "pred_lesions": int(pred),
+        "detected": int(detected),
+        "fp_lesions": int(pred - true_pred),
+        "n_cases": len(records),
+        "n_lesion_free": len(free),
         "fp_volume_ml_lesion_free": float(np.mean(free)) if free else float("nan"),
         "fp_cases_lesion_free": int(sum(v > 0 for v in free)),
     }

@@ -16,10 +16,23 @@ from shared.data import DataConfig, find_cases, make_eval_dataset, make_train_lo
 from shared.labels import FOREGROUND_LABELS
 from shared.metrics import lesion_detection, nanmean, per_label_metrics, summarize_detection
 
-__all__ = ["SiteSplit", "load_site", "discover_sites", "train_on_sites", "train_epochs", "predict_logits",
-           "predict_labels",
-           "predict_probabilities", "evaluate", "EvalResult", "scheduled_lr", "planned_steps", "crop_fingerprint",
-           "LR_SCHEDULES", "DEFAULT_LR_SCHEDULE"]
+__all__ = [
+    "SiteSplit",
+    "load_site",
+    "discover_sites",
+    "train_on_sites",
+    "train_epochs",
+    "predict_logits",
+    "predict_labels",
+    "predict_probabilities",
+    "evaluate",
+    "EvalResult",
+    "scheduled_lr",
+    "planned_steps",
+    "crop_fingerprint",
+    "LR_SCHEDULES",
+    "DEFAULT_LR_SCHEDULE",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +92,9 @@ LR_SCHEDULES = ("constant", "poly", "cosine")
 DEFAULT_LR_SCHEDULE = "poly"  # federated clients (run config ``lr-schedule``)
 
 
-def scheduled_lr(base_lr: float, step: int, total_steps: int | None, schedule: str = "constant",
-                 power: float = 0.9) -> float:
+def scheduled_lr(
+    base_lr: float, step: int, total_steps: int | None, schedule: str = "constant", power: float = 0.9
+) -> float:
     """Learning rate at optimiser step ``step`` (0-based) of ``total_steps`` over the whole training.
 
     ``"poly"`` is nnU-Net's ``base * (1 - step/total) ** 0.9``, ``"cosine"`` is
@@ -185,7 +199,9 @@ def crop_fingerprint(image: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, image: torch.Tensor, roi_size, overlap: float = 0.25, sw_batch_size: int = 2) -> torch.Tensor:
+def predict_logits(
+    model: torch.nn.Module, image: torch.Tensor, roi_size, overlap: float = 0.25, sw_batch_size: int = 2
+) -> torch.Tensor:
     """Sliding-window logits for a ``(C, X, Y, Z)`` or ``(B, C, X, Y, Z)`` image.
 
     Windows that overhang the volume are padded by replicate, never zeros, so the input stays
@@ -258,8 +274,13 @@ def native_case_metrics(probabilities: torch.Tensor, model_affine, label_path: s
     pred = probabilities_to_grid(probabilities, np.asarray(model_affine, np.float64), meta["affine"], truth.shape)
     spacing = voxel_spacing(meta["affine"])
     metrics = per_label_metrics(pred, truth, hd95=hd95, spacing=spacing)
-    return {"dice": metrics["dice"], "hd95": metrics.get("hd95", {}),
-            "lesion": lesion_detection(pred, truth, spacing=spacing), "prediction": pred, "meta": meta}
+    return {
+        "dice": metrics["dice"],
+        "hd95": metrics.get("hd95", {}),
+        "lesion": lesion_detection(pred, truth, spacing=spacing),
+        "prediction": pred,
+        "meta": meta,
+    }
 
 
 def evaluate(model: torch.nn.Module, cases: list[dict], cfg: DataConfig, hd95: bool = False) -> EvalResult:
@@ -313,9 +334,17 @@ def train_on_sites(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     history = []
     for epoch in range(1, epochs + 1):
-        stats = train_epochs(model, loader, epochs=1, lr=lr, optimizer=optimizer, lr_schedule=lr_schedule,
-                             device=device,
-                             step_offset=(epoch - 1) * len(loader), total_steps=epochs * len(loader))
+        stats = train_epochs(
+            model,
+            loader,
+            epochs=1,
+            lr=lr,
+            optimizer=optimizer,
+            lr_schedule=lr_schedule,
+            device=device,
+            step_offset=(epoch - 1) * len(loader),
+            total_steps=epochs * len(loader),
+        )
         stats["epoch"] = epoch
         history.append(stats)
         if on_epoch is not None:

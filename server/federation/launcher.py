@@ -19,12 +19,20 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 __all__ = [
-    "FLOWER_ENV", "FederationError", "LocalFederation", "flower_env", "free_port", "project_dir",
-    "superlink_command", "supernode_command", "superexec_command", "check_reachable",
+    "FLOWER_ENV",
+    "FederationError",
+    "LocalFederation",
+    "flower_env",
+    "free_port",
+    "project_dir",
+    "superlink_command",
+    "supernode_command",
+    "superexec_command",
+    "check_reachable",
 ]
 
 # Never install app dependencies at run time, never phone home.
@@ -84,17 +92,38 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
         raise FederationError(f"SuperLink at {address} is not reachable: {exc.strerror or exc}") from None
 
 
-def superlink_command(state_dir: str, host: str = "127.0.0.1", port: int = 9093, simulation: bool = False,
-                      tls_dir: str | None = None, supernode_auth: bool = False, isolation: str | None = None) -> list[str]:
+def superlink_command(
+    state_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 9093,
+    simulation: bool = False,
+    tls_dir: str | None = None,
+    supernode_auth: bool = False,
+    isolation: str | None = None,
+) -> list[str]:
     """``flower-superlink`` flags (Flower 1.41: one port serves the Fleet, Control and ServerAppIo APIs).
 
     ``isolation="process"`` leaves the ServerApp to a separate ``flower-superexec`` (docker-compose).
     """
-    cmd = ["flower-superlink", "--disable-runtime-dependency-installation",
-           "--database", f"{state_dir}/state.db", "--host", host, "--port", str(port)]
+    cmd = [
+        "flower-superlink",
+        "--disable-runtime-dependency-installation",
+        "--database",
+        f"{state_dir}/state.db",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     if tls_dir:
-        cmd += ["--ssl-ca-certfile", f"{tls_dir}/ca.crt", "--ssl-certfile", f"{tls_dir}/server.pem",
-                "--ssl-keyfile", f"{tls_dir}/server.key"]
+        cmd += [
+            "--ssl-ca-certfile",
+            f"{tls_dir}/ca.crt",
+            "--ssl-certfile",
+            f"{tls_dir}/server.pem",
+            "--ssl-keyfile",
+            f"{tls_dir}/server.key",
+        ]
     else:
         cmd.insert(1, "--insecure")
     if supernode_auth:
@@ -106,9 +135,18 @@ def superlink_command(state_dir: str, host: str = "127.0.0.1", port: int = 9093,
     return cmd
 
 
-def supernode_command(superlink: str, port: int, site: str, data_dir: str, ca_cert: str | None = None,
-                      auth_key: str | None = None, isolation: str | None = None, host: str | None = None,
-                      cpus: int | None = None, cache_dir: str | None = None) -> list[str]:
+def supernode_command(
+    superlink: str,
+    port: int,
+    site: str,
+    data_dir: str,
+    ca_cert: str | None = None,
+    auth_key: str | None = None,
+    isolation: str | None = None,
+    host: str | None = None,
+    cpus: int | None = None,
+    cache_dir: str | None = None,
+) -> list[str]:
     """``flower-supernode`` for one site; its data folder travels in ``--node-config``.
 
     ``port``/``host`` are the SuperNode's own runtime API (a separate ``flower-superexec`` connects
@@ -133,7 +171,7 @@ def supernode_command(superlink: str, port: int, site: str, data_dir: str, ca_ce
 
 
 def superexec_command(runtime_api: str, ca_cert: str | None = None) -> list[str]:
-    """``flower-superexec`` that runs ServerApp or ClientApp processes for the SuperLink / SuperNode at ``runtime_api``."""
+    """``flower-superexec``: runs ServerApp or ClientApp processes for the SuperLink/SuperNode at ``runtime_api``."""
     cmd = ["flower-superexec", "--runtime-api-address", runtime_api]
     return cmd + (["--root-certificates", ca_cert] if ca_cert else ["--insecure"])
 
@@ -144,8 +182,9 @@ class _Proc:
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_path: Path) -> None:
         self.name, self.cmd, self.log_path = name, cmd, log_path
         self._log = log_path.open("ab")
-        self.popen = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        self.popen = subprocess.Popen(
+            cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -193,9 +232,16 @@ class LocalFederation:
             SuperNode authentication; each site's public key is registered before it connects.
     """
 
-    def __init__(self, work_dir: str | Path, sites: Mapping[str, str | Path] | None = None, simulation: bool = False,
-                 superlink: str | None = None, echo: Callable[[str], None] | None = None,
-                 tls_dir: str | Path | None = None, auth_keys_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        work_dir: str | Path,
+        sites: Mapping[str, str | Path] | None = None,
+        simulation: bool = False,
+        superlink: str | None = None,
+        echo: Callable[[str], None] | None = None,
+        tls_dir: str | Path | None = None,
+        auth_keys_dir: str | Path | None = None,
+    ) -> None:
         self.work_dir = Path(work_dir).resolve()
         self.sites = {name: Path(path).resolve() for name, path in (sites or {}).items()}
         self.simulation = simulation
@@ -208,7 +254,8 @@ class LocalFederation:
             raise ValueError("SuperNode authentication needs TLS: pass tls_dir too")
         server_files = ("ca.crt",) if superlink else ("ca.crt", "server.pem", "server.key")
         for path in ([self.tls_dir / n for n in server_files] if self.tls_dir else []) + (
-                [self.auth_keys_dir / s for s in self.sites] if self.auth_keys_dir else []):
+            [self.auth_keys_dir / s for s in self.sites] if self.auth_keys_dir else []
+        ):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found (deploy/gen-certs.sh and deploy/gen-node-keys.sh make them)")
         self.flwr_home = self.work_dir / "flwr-home"
@@ -241,9 +288,13 @@ class LocalFederation:
             self.address = f"127.0.0.1:{port}"
             state = self.work_dir / "superlink"
             state.mkdir(exist_ok=True)
-            cmd = superlink_command(str(state), port=port, simulation=self.simulation,
-                                    tls_dir=str(self.tls_dir) if self.tls_dir else None,
-                                    supernode_auth=self.auth_keys_dir is not None)
+            cmd = superlink_command(
+                str(state),
+                port=port,
+                simulation=self.simulation,
+                tls_dir=str(self.tls_dir) if self.tls_dir else None,
+                supernode_auth=self.auth_keys_dir is not None,
+            )
             self.superlink = _Proc("superlink", cmd, self.env, self.work_dir / "superlink.log")
             self._wait_listening(self.superlink, port, timeout)
         self._write_connection()
@@ -262,8 +313,16 @@ class LocalFederation:
     def register_key(self, site: str) -> int:
         """Register ``<auth-keys-dir>/<site>.pub`` (the operator's key-to-site mapping); returns the node id
         the SuperLink gives that key: every reply from it must report ``site``."""
-        res = self._flwr("supernode", "register", str(self.auth_keys_dir / f"{site}.pub"), CONNECTION,
-                         "--name", site, "--format", "json")
+        res = self._flwr(
+            "supernode",
+            "register",
+            str(self.auth_keys_dir / f"{site}.pub"),
+            CONNECTION,
+            "--name",
+            site,
+            "--format",
+            "json",
+        )
         start = res.stdout.find("{")  # `--format json` prints the JSON object after a status line
         try:
             return int(json.loads(res.stdout[start:])["node-id"])
@@ -275,10 +334,12 @@ class LocalFederation:
         key = str(self.auth_keys_dir / site) if self.auth_keys_dir else None
         # The sites share this machine: each ClientApp gets an equal share of its cores as torch threads.
         cpus = max(1, (os.cpu_count() or 1) // max(1, len(self.sites)))
-        cmd = supernode_command(self.address, free_port(), site, str(data_dir), ca_cert=self.ca_cert, auth_key=key,
-                                cpus=cpus)
-        self.supernodes[site] = _Proc(f"supernode-{site}", cmd, {**self.env, **SUPERNODE_ENV},
-                                      self.work_dir / f"supernode-{site}.log")
+        cmd = supernode_command(
+            self.address, free_port(), site, str(data_dir), ca_cert=self.ca_cert, auth_key=key, cpus=cpus
+        )
+        self.supernodes[site] = _Proc(
+            f"supernode-{site}", cmd, {**self.env, **SUPERNODE_ENV}, self.work_dir / f"supernode-{site}.log"
+        )
 
     def kill_supernode(self, site: str) -> None:
         """Crash one site: SIGKILL its SuperNode's whole process group (fault-tolerance drills)."""
@@ -331,10 +392,14 @@ class LocalFederation:
             if res.returncode == 0:
                 return
             if self.superlink is not None and not self.superlink.alive():
-                raise FederationError(f"superlink exited with code {self.superlink.popen.returncode}:\n{self.superlink.tail()}")
+                raise FederationError(
+                    f"superlink exited with code {self.superlink.popen.returncode}:\n{self.superlink.tail()}"
+                )
             if time.monotonic() > deadline:
-                raise FederationError(f"SuperLink {self.address} did not answer within {timeout:.0f}s: "
-                                      f"{(res.stdout + res.stderr).strip()[-500:]}")
+                raise FederationError(
+                    f"SuperLink {self.address} did not answer within {timeout:.0f}s: "
+                    f"{(res.stdout + res.stderr).strip()[-500:]}"
+                )
             time.sleep(0.5)
 
     def _wait_listening(self, proc: _Proc, port: int, timeout: float) -> None:
@@ -351,14 +416,21 @@ class LocalFederation:
 
     def _write_connection(self) -> None:
         """``$FLWR_HOME/config.toml``: the one SuperLink connection ``flwr`` commands use."""
-        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{self.address}"']
+        lines = [
+            "[superlink]",
+            f'default = "{CONNECTION}"',
+            "",
+            f"[superlink.{CONNECTION}]",
+            f'address = "{self.address}"',
+        ]
         lines.append(f'root-certificates = "{self.ca_cert}"' if self.ca_cert else "insecure = true")
         (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
     # ---- runs -------------------------------------------------------------------------
     def _flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            ["flwr", *args], env=self.env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
 
     def connected_nodes(self) -> list[dict]:
         """``flwr supernode list``: the SuperNodes the SuperLink knows, with their status."""
@@ -377,8 +449,14 @@ class LocalFederation:
         except (json.JSONDecodeError, KeyError, IndexError, TypeError):
             return f"unknown ({(res.stdout + res.stderr).strip()[-300:]})"
 
-    def submit(self, run_config: Mapping, app_dir: str | Path | None = None, timeout: float = 3600,
-               num_supernodes: int | None = None, log_path: str | Path | None = None) -> int:
+    def submit(
+        self,
+        run_config: Mapping,
+        app_dir: str | Path | None = None,
+        timeout: float = 3600,
+        num_supernodes: int | None = None,
+        log_path: str | Path | None = None,
+    ) -> int:
         """``flwr run`` the app with ``run_config`` and stream its log until the run ends; returns the run id."""
         import tomli_w
 
@@ -395,8 +473,16 @@ class LocalFederation:
         log_file = Path(log_path) if log_path else self.work_dir / "flwr-run.log"
         run_id: int | None = None
         with log_file.open("a") as out:
-            proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.work_dir)
+            proc = subprocess.Popen(
+                cmd,
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.work_dir,
+            )
             timer = threading.Timer(timeout, lambda: _killpg(proc.pid))
             timer.start()
             try:

@@ -70,8 +70,9 @@ def run_rounds(grid: Grid, run_config: Mapping) -> str:
     if start_round >= cfg.num_server_rounds:
         version = f"{run_name}-r{start_round}"
         mark_served(registry, version)
-        runlog.write("end", run_name=run_name, status="completed", version=version, rounds=start_round,
-                     note="nothing to resume")
+        runlog.write(
+            "end", run_name=run_name, status="completed", version=version, rounds=start_round, note="nothing to resume"
+        )
         return version
 
     shared, norm = split_norm_state(state, norm_keys) if cfg.fedbn else (state, {})
@@ -91,10 +92,19 @@ def run_rounds(grid: Grid, run_config: Mapping) -> str:
     if restored:
         log.info("restored the server optimiser's %s from %s-r%d", ", ".join(restored), run_name, start_round)
     _await_sites(grid, len(cfg.sites), grace=min(cfg.round_timeout, 120.0))
-    runlog.write("start", run_name=run_name, strategy=cfg.strategy, fedbn=cfg.fedbn, norm=cfg.norm,
-                 sites=list(cfg.sites), start_round=start_round + 1, num_rounds=cfg.num_server_rounds,
-                 resumed_from=f"{run_name}-r{start_round}" if start_round else None, restored=restored,
-                 config=cfg.to_run_config())
+    runlog.write(
+        "start",
+        run_name=run_name,
+        strategy=cfg.strategy,
+        fedbn=cfg.fedbn,
+        norm=cfg.norm,
+        sites=list(cfg.sites),
+        start_round=start_round + 1,
+        num_rounds=cfg.num_server_rounds,
+        resumed_from=f"{run_name}-r{start_round}" if start_round else None,
+        restored=restored,
+        config=cfg.to_run_config(),
+    )
     updated_rounds: list[int] = []
     clock = {"start": time.perf_counter()}
     last: dict = {}  # the previous round's checkpoint and record; eval-with-train completes them a round later
@@ -132,24 +142,58 @@ def run_rounds(grid: Grid, run_config: Mapping) -> str:
         sites = {name: {"node_id": cur["nodes"].get(name), **info} for name, info in sorted(cur["sites"].items())}
         version = f"{run_name}-r{rnd}"
         seconds = time.perf_counter() - clock["start"]
-        entry = {"version": version, "state": full, "server_state": strategy.optimizer_state(), "meta": dict(
-            round=rnd, strategy=cfg.strategy, fedbn=cfg.fedbn, norm=cfg.norm,
-            sites=participants, missing_sites=missing, metrics=sites, aggregated=cur["aggregated"],
-            config=cfg.to_run_config(), run_name=run_name, kind="federated",
-            time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), updated=updated), "log": dict(
-            run_name=run_name, round=rnd, seconds=round(seconds, 3), participants=participants,
-            missing=missing, sites=sites, failed=cur["failed"], rejected=cur["rejected"], refused=cur["refused"],
-            no_reply=cur["missing"], aggregated=cur["aggregated"], updated=updated,
-            global_finite=finite, checkpoint=version)}
+        entry = {
+            "version": version,
+            "state": full,
+            "server_state": strategy.optimizer_state(),
+            "meta": dict(
+                round=rnd,
+                strategy=cfg.strategy,
+                fedbn=cfg.fedbn,
+                norm=cfg.norm,
+                sites=participants,
+                missing_sites=missing,
+                metrics=sites,
+                aggregated=cur["aggregated"],
+                config=cfg.to_run_config(),
+                run_name=run_name,
+                kind="federated",
+                time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                updated=updated,
+            ),
+            "log": dict(
+                run_name=run_name,
+                round=rnd,
+                seconds=round(seconds, 3),
+                participants=participants,
+                missing=missing,
+                sites=sites,
+                failed=cur["failed"],
+                rejected=cur["rejected"],
+                refused=cur["refused"],
+                no_reply=cur["missing"],
+                aggregated=cur["aggregated"],
+                updated=updated,
+                global_finite=finite,
+                checkpoint=version,
+            ),
+        }
         write_round(entry)
         last.clear()
         last.update(entry)
         summary = "  ".join(
             f"{name}: loss {_fmt(info.get('train', {}).get('train_loss'))} "
             f"dice {_fmt(info.get('eval', {}).get('dice_mean'))}"
-            for name, info in sites.items())
-        log.info("round %d/%d (%.1fs) %s%s", rnd, cfg.num_server_rounds, seconds, summary,
-                 f"  missing: {','.join(missing)}" if missing else "")
+            for name, info in sites.items()
+        )
+        log.info(
+            "round %d/%d (%.1fs) %s%s",
+            rnd,
+            cfg.num_server_rounds,
+            seconds,
+            summary,
+            f"  missing: {','.join(missing)}" if missing else "",
+        )
         clock["start"] = time.perf_counter()
         return MetricRecord({"global-finite": int(finite), "updated": int(updated)})
 
@@ -166,13 +210,27 @@ def run_rounds(grid: Grid, run_config: Mapping) -> str:
     if cfg.select_checkpoint == "best-val":  # federated validation Dice of held-out training cases only
         final = select_checkpoint(registry, run_name) or final
     if not updated_rounds and not start_round:
-        runlog.write("end", run_name=run_name, status="failed", version=None, rounds=cfg.num_server_rounds,
-                     reason="no round had min-sites valid updates")
-        raise RuntimeError(f"federation {run_name}: no round had {cfg.min_sites} valid site update(s); "
-                           f"see {runlog.path} for each site's error")
+        runlog.write(
+            "end",
+            run_name=run_name,
+            status="failed",
+            version=None,
+            rounds=cfg.num_server_rounds,
+            reason="no round had min-sites valid updates",
+        )
+        raise RuntimeError(
+            f"federation {run_name}: no round had {cfg.min_sites} valid site update(s); "
+            f"see {runlog.path} for each site's error"
+        )
     mark_served(registry, final)
-    runlog.write("end", run_name=run_name, status="completed", version=final, rounds=cfg.num_server_rounds,
-                 updated_rounds=updated_rounds)
+    runlog.write(
+        "end",
+        run_name=run_name,
+        status="completed",
+        version=final,
+        rounds=cfg.num_server_rounds,
+        updated_rounds=updated_rounds,
+    )
     return final
 
 

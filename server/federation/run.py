@@ -21,10 +21,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.federation.launcher import FederationError, LocalFederation
 from shared.registry import resume_point
 from shared.runlog import RUN_LOG_NAME, default_run_name, read_run_log, round_records, run_dir_for
-
-from server.federation.launcher import FederationError, LocalFederation
 
 __all__ = ["run_federation", "FederationResult", "MODES"]
 
@@ -137,8 +136,14 @@ def run_federation(
     # An external SuperLink's ServerApp may see the runs folder under another path (a compose volume):
     # then run_config's out-dir names it there, and out_dir is where this machine sees the same files.
     remote_out = overrides.get("out-dir") if superlink else None
-    overrides.update({"data-dir": str(data_dir), "out-dir": remote_out or str(out_dir), "run-name": run_name,
-                      "sites": ",".join(site_names)})
+    overrides.update(
+        {
+            "data-dir": str(data_dir),
+            "out-dir": remote_out or str(out_dir),
+            "run-name": run_name,
+            "sites": ",".join(site_names),
+        }
+    )
     cfg = RunConfig.from_run_config(overrides)  # bad values fail here, before any process starts
     if cfg.min_sites > len(site_names) and site_names:
         raise ValueError(f"run config 'min-sites' = {cfg.min_sites} but only {len(site_names)} site(s)")
@@ -158,14 +163,21 @@ def run_federation(
     if mode == "simulation":
         federation = LocalFederation(work, simulation=True, echo=echo)
     else:
-        federation = LocalFederation(work, sites=None if superlink else dict(zip(site_names, site_dirs)),
-                                     superlink=superlink, echo=echo, tls_dir=tls_dir, auth_keys_dir=auth_keys_dir)
+        federation = LocalFederation(
+            work,
+            sites=None if superlink else dict(zip(site_names, site_dirs)),
+            superlink=superlink,
+            echo=echo,
+            tls_dir=tls_dir,
+            auth_keys_dir=auth_keys_dir,
+        )
     try:
         with federation:
             if on_start is not None:
                 on_start(federation)
-            run_id = federation.submit(cfg.to_run_config(), timeout=timeout, num_supernodes=len(site_names),
-                                       log_path=run_dir / "flower.log")
+            run_id = federation.submit(
+                cfg.to_run_config(), timeout=timeout, num_supernodes=len(site_names), log_path=run_dir / "flower.log"
+            )
             records = read_run_log(log_path)[start_records:]
             end = next((r for r in reversed(records) if r.get("event") == "end"), None)
             if end is None or end.get("status") != "completed":  # ask the SuperLink what happened
@@ -179,6 +191,15 @@ def run_federation(
     if end is None or end.get("status") != "completed":
         raise FederationError(
             f"federation {run_name} ({mode}) did not complete: Flower run {run_id} status {status}; "
-            f"{(end or {}).get('reason') or _last_error(run_dir / 'flower.log')}. Flower log: {run_dir / 'flower.log'}")
-    return FederationResult(version=end["version"], registry=out_dir / "registry", run_dir=run_dir, log_path=log_path,
-                            run_name=run_name, mode=mode, seconds=seconds, rounds=round_records(log_path))
+            f"{(end or {}).get('reason') or _last_error(run_dir / 'flower.log')}. Flower log: {run_dir / 'flower.log'}"
+        )
+    return FederationResult(
+        version=end["version"],
+        registry=out_dir / "registry",
+        run_dir=run_dir,
+        log_path=log_path,
+        run_name=run_name,
+        mode=mode,
+        seconds=seconds,
+        rounds=round_records(log_path),
+    )

@@ -23,8 +23,14 @@ from server.federation.polling import DEFAULT_POLL_INTERVAL, PollingGrid
 from shared.ood import site_from_metrics
 from shared.runconfig import RunConfig
 
-__all__ = ["SiteAwareStrategy", "build_strategy", "check_update", "short_reason", "EARLY_EVAL_PREFIX",
-           "resolve_eval_with_train"]
+__all__ = [
+    "SiteAwareStrategy",
+    "build_strategy",
+    "check_update",
+    "short_reason",
+    "EARLY_EVAL_PREFIX",
+    "resolve_eval_with_train",
+]
 
 # Train replies carry the site's aggregate intensity summary under this record (client/app.py).
 OOD_RECORD = "ood-reference"
@@ -100,10 +106,20 @@ class SiteAwareStrategy:
             that another node already answered with this round is refused.
     """
 
-    def __init__(self, *args, expected_shapes: dict[str, tuple[int, ...]], norm_keys: set[str], fedbn: bool,
-                 expected_sites: Iterable[str] = (), round_offset: int = 0, norm_state: ArrayRecord | None = None,
-                 eval_with_train: bool = False, poll_interval: float = DEFAULT_POLL_INTERVAL,
-                 identities: Mapping[int, str] | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        expected_shapes: dict[str, tuple[int, ...]],
+        norm_keys: set[str],
+        fedbn: bool,
+        expected_sites: Iterable[str] = (),
+        round_offset: int = 0,
+        norm_state: ArrayRecord | None = None,
+        eval_with_train: bool = False,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        identities: Mapping[int, str] | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.identities = {int(k): str(v) for k, v in (identities or {}).items()}
         self.eval_with_train = bool(eval_with_train)
@@ -125,9 +141,16 @@ class SiteAwareStrategy:
 
     # ---- per-round record -------------------------------------------------------------
     def reset_round(self) -> None:
-        self.current = {"sites": {}, "failed": [], "rejected": [], "refused": [], "missing": [], "aggregated": {},
-                        "nodes": {},
-                        "nodes_silent": {}}
+        self.current = {
+            "sites": {},
+            "failed": [],
+            "rejected": [],
+            "refused": [],
+            "missing": [],
+            "aggregated": {},
+            "nodes": {},
+            "nodes_silent": {},
+        }
 
     def global_round(self, server_round: int) -> int:
         return server_round + self.round_offset
@@ -178,9 +201,16 @@ class SiteAwareStrategy:
             if claimed is not None or self.identities:
                 claimed = claimed or f"node-{node}"
                 if problem := self._identity_problem(node, claimed, taken):
-                    self.current["refused"].append({"site": claimed, "node_id": node, "phase": phase, "reason": problem})
-                    log.warning("round %d %s: refused the reply of node %d: %s", self.global_round(server_round),
-                                phase, node, problem)
+                    self.current["refused"].append(
+                        {"site": claimed, "node_id": node, "phase": phase, "reason": problem}
+                    )
+                    log.warning(
+                        "round %d %s: refused the reply of node %d: %s",
+                        self.global_round(server_round),
+                        phase,
+                        node,
+                        problem,
+                    )
                     continue
                 taken[claimed] = node
                 self.site_of[node] = claimed
@@ -214,7 +244,7 @@ class SiteAwareStrategy:
         found = {}
         for record in msg.content.metric_records.values():
             for key in [k for k in record if k.startswith(EARLY_EVAL_PREFIX)]:
-                found[key[len(EARLY_EVAL_PREFIX):]] = record[key]
+                found[key[len(EARLY_EVAL_PREFIX) :]] = record[key]
                 del record[key]
         return found
 
@@ -225,23 +255,33 @@ class SiteAwareStrategy:
         self._grid = grid if isinstance(grid, PollingGrid) else PollingGrid(grid, self.poll_interval)
         return super().start(self._grid, initial_arrays, num_rounds, *args, **kwargs)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self.reset_round()
         config["global-round"] = self.global_round(server_round)
         # From round 2 the arrays are the previous round's aggregate: the site evaluates them first.
         config["evaluate-first"] = self.eval_with_train and server_round > 1
         return self._remember("train", super().configure_train(server_round, arrays, config, grid))
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         config["global-round"] = self.global_round(server_round)
         if self.eval_with_train and server_round < self.num_rounds:
             return self._remember("evaluate", [])  # the next round's train messages evaluate these arrays
         # A node that did not answer training this round is presumed down: don't wait for it again.
         silent = {self.current["nodes_silent"].get(m["site"]) for m in self.current["missing"] if m["phase"] == "train"}
-        messages = [m for m in super().configure_evaluate(server_round, arrays, config, grid) if m.metadata.dst_node_id not in silent]
+        messages = [
+            m
+            for m in super().configure_evaluate(server_round, arrays, config, grid)
+            if m.metadata.dst_node_id not in silent
+        ]
         return self._remember("evaluate", messages)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted: list[Message] = []
         early: dict[str, dict] = {}
         for msg in self._sort_replies("train", server_round, replies):
@@ -255,21 +295,30 @@ class SiteAwareStrategy:
                 problem = "num-examples missing or not positive"
             if problem:
                 self.current["rejected"].append({"site": site, "phase": "train", "reason": problem})
-                log.warning("round %d: rejected update from site %s: %s", self.global_round(server_round), site, problem)
+                log.warning(
+                    "round %d: rejected update from site %s: %s", self.global_round(server_round), site, problem
+                )
                 continue
             self.current["sites"].setdefault(site, {})["train"] = metrics
             if OOD_RECORD in msg.content.config_records and (ref := site_from_metrics(dict(msg.content[OOD_RECORD]))):
                 self.ood_refs[site] = ref
             accepted.append(msg)
         if early:
-            contents = [RecordDict({"metrics": MetricRecord({k: v for k, v in m.items() if not k.startswith("time_")})})
-                        for m in early.values() if m.get("num-examples", 0) > 0]
+            contents = [
+                RecordDict({"metrics": MetricRecord({k: v for k, v in m.items() if not k.startswith("time_")})})
+                for m in early.values()
+                if m.get("num-examples", 0) > 0
+            ]
             aggregated = self.evaluate_metrics_aggr_fn(contents, self.weighted_by_key) if contents else None
             self.early_eval = {"sites": early, "aggregated": dict(aggregated) if aggregated is not None else None}
         min_sites = getattr(self, "min_train_nodes", 1)
         if len(accepted) < min_sites:
-            log.warning("round %d: %d valid update(s), fewer than min-sites=%d: global model kept",
-                        self.global_round(server_round), len(accepted), min_sites)
+            log.warning(
+                "round %d: %d valid update(s), fewer than min-sites=%d: global model kept",
+                self.global_round(server_round),
+                len(accepted),
+                min_sites,
+            )
             self.current["aggregated"]["train"] = None
             return None, None
         if self.fedbn and self.norm_keys:
@@ -277,8 +326,14 @@ class SiteAwareStrategy:
             for msg in accepted:
                 key = next(iter(msg.content.array_records))
                 full = msg.content[key]
-                norm_parts.append(RecordDict({key: ArrayRecord({k: full[k] for k in full if k in self.norm_keys}),
-                                              "metrics": MetricRecord({"num-examples": self._site_metrics(msg)["num-examples"]})}))
+                norm_parts.append(
+                    RecordDict(
+                        {
+                            key: ArrayRecord({k: full[k] for k in full if k in self.norm_keys}),
+                            "metrics": MetricRecord({"num-examples": self._site_metrics(msg)["num-examples"]}),
+                        }
+                    )
+                )
                 msg.content[key] = ArrayRecord({k: full[k] for k in full if k not in self.norm_keys})
             self.norm_state = aggregate_arrayrecords(norm_parts, self.weighted_by_key)
         # The global round: FedAdam's bias correction then continues across a resume as if never stopped.
@@ -293,15 +348,16 @@ class SiteAwareStrategy:
         usable = []
         for msg in valid:
             metrics = self._site_metrics(msg)
-            self.current["sites"].setdefault(self._site(msg.metadata.src_node_id), {})["eval"] = {**metrics,
-                                                                                                  **self._timing(msg)}
+            self.current["sites"].setdefault(self._site(msg.metadata.src_node_id), {})["eval"] = {
+                **metrics,
+                **self._timing(msg),
+            }
             keys = keys or set(metrics)
             if set(metrics) == keys and metrics.get("num-examples", 0) > 0:
                 usable.append(msg)
         metrics = super().aggregate_evaluate(server_round, usable) if usable else None
         self.current["aggregated"]["eval"] = dict(metrics) if metrics is not None else None
         return metrics
-
 
     # ---- server optimiser state (FedAdam's moments) for checkpoints ---------------------------
     def optimizer_state(self) -> dict[str, np.ndarray]:
@@ -333,8 +389,14 @@ class SiteAwareFedAdam(SiteAwareStrategy, FedAdam):
 
 def build_strategy(cfg: RunConfig, **site_kwargs) -> SiteAwareStrategy:
     """The configured Flower strategy; every connected site is sampled, ``min-sites`` must answer."""
-    common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=cfg.min_sites,
-                  min_evaluate_nodes=cfg.min_sites, min_available_nodes=cfg.min_sites, **site_kwargs)
+    common = dict(
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=cfg.min_sites,
+        min_evaluate_nodes=cfg.min_sites,
+        min_available_nodes=cfg.min_sites,
+        **site_kwargs,
+    )
     if cfg.strategy == "fedprox":
         return SiteAwareFedProx(proximal_mu=cfg.proximal_mu, **common)
     if cfg.strategy == "fedadam":

@@ -25,7 +25,9 @@ def write(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
 def make_site(root: Path, n: int = 2, shape=(20, 24, 16)) -> Path:
     rng = np.random.default_rng(0)
     for i in range(n):
-        write(root / "imagesTr" / f"c{i}.nii.gz", rng.uniform(0, 100, shape).astype(np.float32), np.diag([2, 2, 2, 1.0]))
+        write(
+            root / "imagesTr" / f"c{i}.nii.gz", rng.uniform(0, 100, shape).astype(np.float32), np.diag([2, 2, 2, 1.0])
+        )
         write(root / "labelsTr" / f"c{i}.nii.gz", rng.integers(0, 4, shape).astype(np.uint8), np.diag([2, 2, 2, 1.0]))
     return root
 
@@ -88,11 +90,22 @@ def test_foreign_nifti_from_nibabel_loads(tmp_path):
     assert float(item["image"].max()) > 0
 
 
-@pytest.mark.parametrize("case", ["missing_label", "shape_mismatch", "affine_mismatch", "unreadable", "not_nifti", "empty", "absent", "two_d"])
+@pytest.mark.parametrize(
+    "case",
+    ["missing_label", "shape_mismatch", "affine_mismatch", "unreadable", "not_nifti", "empty", "absent", "two_d"],
+)
 def test_bad_site_data_is_refused_naming_the_file(tmp_path, case):
     site = make_site(tmp_path / "site")
-    culprit = {"missing_label": "c1.nii.gz", "shape_mismatch": "c0.nii.gz", "affine_mismatch": "c1.nii.gz",
-               "unreadable": "c0.nii.gz", "not_nifti": "notes.txt", "empty": "imagesTr", "absent": "nowhere", "two_d": "c1.nii.gz"}[case]
+    culprit = {
+        "missing_label": "c1.nii.gz",
+        "shape_mismatch": "c0.nii.gz",
+        "affine_mismatch": "c1.nii.gz",
+        "unreadable": "c0.nii.gz",
+        "not_nifti": "notes.txt",
+        "empty": "imagesTr",
+        "absent": "nowhere",
+        "two_d": "c1.nii.gz",
+    }[case]
     if case == "missing_label":
         (site / "labelsTr" / "c1.nii.gz").unlink()
     elif case == "shape_mismatch":
@@ -122,11 +135,18 @@ def test_split_is_deterministic_and_disjoint():
     assert split_train_val(cases[:1], 0.3) == (cases[:1], [])
 
 
-@pytest.mark.parametrize("kwargs,match", [({"roi_size": (4, 4, 4)}, "roi_size"), ({"spacing": (0, 1, 1)}, "spacing"),
-                                          ({"val_fraction": 1.0}, "val_fraction"), ({"batch_size": 0}, "batch_size"),
-                                          ({"crop_ratios": (1, 1, 1)}, "crop_ratios"),
-                                          ({"crop_ratios": (0, 0, 0, 0)}, "crop_ratios"),
-                                          ({"gamma_prob": 1.5}, "gamma_prob")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"roi_size": (4, 4, 4)}, "roi_size"),
+        ({"spacing": (0, 1, 1)}, "spacing"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"crop_ratios": (1, 1, 1)}, "crop_ratios"),
+        ({"crop_ratios": (0, 0, 0, 0)}, "crop_ratios"),
+        ({"gamma_prob": 1.5}, "gamma_prob"),
+    ],
+)
 def test_ill_data_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DataConfig(**kwargs)
@@ -180,8 +200,14 @@ def test_fresh_processes_draw_new_crops_each_round_and_repeat_on_rerun(tiny_data
     root = Path(__file__).resolve().parents[2]
 
     def crops(round_: int) -> float:
-        out = subprocess.run([sys.executable, "-c", _FINGERPRINT_SCRIPT, str(tiny_data_dir / "site-a"), str(round_)],
-                             cwd=root, capture_output=True, text=True, timeout=300, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _FINGERPRINT_SCRIPT, str(tiny_data_dir / "site-a"), str(round_)],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
         return float(out.stdout.strip().splitlines()[-1])
 
     round1, round2, rerun = crops(1), crops(2), crops(1)

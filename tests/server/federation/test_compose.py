@@ -68,7 +68,7 @@ def test_services_one_supernode_and_clientapp_per_demo_site(compose):
 def in_memory(cmd: list[str]) -> list[str]:
     """The launcher's SuperLink command with Flower's in-memory state instead of its SQLite file."""
     i = cmd.index("--database")
-    return cmd[:i + 1] + [":flwr-in-memory:"] + cmd[i + 2:]
+    return cmd[: i + 1] + [":flwr-in-memory:"] + cmd[i + 2 :]
 
 
 def test_superlink_and_serverapp_match_the_native_launcher(compose):
@@ -85,8 +85,9 @@ def test_superlink_and_serverapp_match_the_native_launcher(compose):
 @pytest.mark.parametrize("site", SITES)
 def test_each_site_has_its_own_data_volume_and_node_config(compose, site):
     node = compose["services"][f"supernode-{site}"]
-    assert node["command"] == supernode_command("superlink:9093", 9094, site, f"/data/{site}", isolation="process",
-                                                host="0.0.0.0")
+    assert node["command"] == supernode_command(
+        "superlink:9093", 9094, site, f"/data/{site}", isolation="process", host="0.0.0.0"
+    )
     volume = f"{site}-data:/data/{site}:ro"
     assert node["volumes"] == [volume]
     clientapp = compose["services"][f"clientapp-{site}"]
@@ -120,8 +121,11 @@ def test_federate_submits_to_the_compose_superlink_with_the_demo_settings(compos
     rounds = getattr(args, "rounds", None) or args.num_server_rounds  # flag --rounds, run-config num-server-rounds
     assert (rounds, args.local_epochs, args.lr) == (15, 2, 0.003)  # scripts/demo.sh's settings
     assert federate["volumes"] == ["runs:/runs"]  # where the ServerApp writes: the submitter follows its run log
-    assert depends(federate) == {"superlink": "service_healthy", "serverapp": "service_started",
-                                 "data": "service_completed_successfully"}
+    assert depends(federate) == {
+        "superlink": "service_healthy",
+        "serverapp": "service_started",
+        "data": "service_completed_successfully",
+    }
     assert federate["networks"] == ["federation"] and federate["restart"] == "no"
 
 
@@ -176,8 +180,11 @@ def test_dockerfile_public_defaults_cpu_torch_first_and_the_project_editable():
     assert text.index("ARG BASE_IMAGE=python:3.11-slim") < text.index("FROM ${BASE_IMAGE}")
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
     assert '--index-url "$TORCH_INDEX_URL" torch==2.13.0' in text
-    assert text.index("torch==2.13.0") < text.index("pip install -r /tmp/requirements.txt") < text.index(
-        "pip install --no-deps --no-build-isolation -e .")
+    assert (
+        text.index("torch==2.13.0")
+        < text.index("pip install -r /tmp/requirements.txt")
+        < text.index("pip install --no-deps --no-build-isolation -e .")
+    )
     for folder in ("shared", "server", "client"):
         assert f"COPY --chown=app:app {folder} ./{folder}" in text
     for key, value in FLOWER_ENV.items():
@@ -198,12 +205,23 @@ def test_build_context_leaves_out_the_venv_data_and_runs():
 @pytest.mark.parametrize("site", SITES)
 def test_tls_override_adds_certificates_and_node_keys(tls_override, site):
     services = tls_override["services"]
-    assert services["superlink"]["command"] == in_memory(superlink_command(
-        "/state", host="0.0.0.0", port=9093, tls_dir="/certs", supernode_auth=True, isolation="process"))
+    assert services["superlink"]["command"] == in_memory(
+        superlink_command(
+            "/state", host="0.0.0.0", port=9093, tls_dir="/certs", supernode_auth=True, isolation="process"
+        )
+    )
     assert services["serverapp"]["command"] == superexec_command("superlink:9093", ca_cert="/certs/ca.crt")
     node = services[f"supernode-{site}"]
-    assert node["command"] == supernode_command("superlink:9093", 9094, site, f"/data/{site}", ca_cert="/certs/ca.crt",
-                                                auth_key=f"/keys/{site}", isolation="process", host="0.0.0.0")
+    assert node["command"] == supernode_command(
+        "superlink:9093",
+        9094,
+        site,
+        f"/data/{site}",
+        ca_cert="/certs/ca.crt",
+        auth_key=f"/keys/{site}",
+        isolation="process",
+        host="0.0.0.0",
+    )
     assert f"${{FEDMRI_KEYS_DIR:-./deploy/keys}}/{site}:/keys/{site}:ro" in node["volumes"]
     assert not any("server.key" in v for v in node["volumes"])  # sites never see the SuperLink's key
     assert depends(node)["register"] == "service_completed_successfully"  # keys registered before nodes connect

@@ -25,8 +25,9 @@ MARK = 7.0
 
 
 def _config(**extra) -> dict:
-    return tiny_config(**{"num-server-rounds": 50, "fedbn": True, "norm-affine": True, "max-steps": 2,
-                          "lr": 0.001, **extra})
+    return tiny_config(
+        **{"num-server-rounds": 50, "fedbn": True, "norm-affine": True, "max-steps": 2, "lr": 0.001, **extra}
+    )
 
 
 def test_local_layers_are_saved_every_round_and_survive_a_killed_and_resumed_run(tiny_data_dir, tmp_path):
@@ -41,8 +42,15 @@ def test_local_layers_are_saved_every_round_and_survive_a_killed_and_resumed_run
 
     try:
         with pytest.raises(Exception):  # noqa: B017  (FederationError or a lost-connection error)
-            run_federation(tiny_data_dir, out, run_config=_config(), run_name=RUN, on_start=tracker,
-                           on_record=kill_after_round_1, timeout=600)
+            run_federation(
+                tiny_data_dir,
+                out,
+                run_config=_config(),
+                run_name=RUN,
+                on_start=tracker,
+                on_record=kill_after_round_1,
+                timeout=600,
+            )
     finally:
         tracker.cleanup()
     assert killed and not tracker.leftovers()
@@ -52,8 +60,9 @@ def test_local_layers_are_saved_every_round_and_survive_a_killed_and_resumed_run
 
     paths = {s: local_state_path(tiny_data_dir / s, RUN) for s in SITES}
     saved = {s: load_local_state(p) for s, p in paths.items()}
-    assert all(v is not None and v[0] in (done, done + 1) for v in saved.values()), {s: v and v[0] for s, v in
-                                                                                    saved.items()}
+    assert all(v is not None and v[0] in (done, done + 1) for v in saved.values()), {
+        s: v and v[0] for s, v in saved.items()
+    }
     keys = set(next(iter(saved.values()))[1])
     assert keys and all(k.endswith((".weight", ".bias")) for k in keys)
     for s, (round_, state) in saved.items():  # mark them: only a restore from disk brings these back
@@ -62,8 +71,14 @@ def test_local_layers_are_saved_every_round_and_survive_a_killed_and_resumed_run
 
     tracker = Tracker()
     try:
-        result = run_federation(tiny_data_dir, out, run_config=_config(resume=True, **{"num-server-rounds": done + 2}),
-                                run_name=RUN, on_start=tracker, timeout=600)
+        result = run_federation(
+            tiny_data_dir,
+            out,
+            run_config=_config(resume=True, **{"num-server-rounds": done + 2}),
+            run_name=RUN,
+            on_start=tracker,
+            timeout=600,
+        )
     finally:
         tracker.cleanup()
     assert result.version == f"{RUN}-r{done + 2}"

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from server.federation import run_federation
-from shared.runlog import round_records
 from shared.registry import read_meta, served_version
+from shared.runlog import round_records
 
 from .helpers import tiny_config
 
@@ -30,8 +30,10 @@ def native_run(tiny_data_dir, tmp_path_factory):
 
     def on_start(federation):
         seen["address"] = federation.address
-        seen["procs"] = {name: (p.popen.pid, p.cmd) for name, p in
-                         [("superlink", federation.superlink)] + [(s, p) for s, p in federation.supernodes.items()]}
+        seen["procs"] = {
+            name: (p.popen.pid, p.cmd)
+            for name, p in [("superlink", federation.superlink)] + [(s, p) for s, p in federation.supernodes.items()]
+        }
         seen["federation"] = federation
 
     def on_record(record):
@@ -41,9 +43,14 @@ def native_run(tiny_data_dir, tmp_path_factory):
 
     try:
         result = run_federation(
-            tiny_data_dir, out, mode="native", run_name="native",
+            tiny_data_dir,
+            out,
+            mode="native",
+            run_name="native",
             run_config=tiny_config(**{"num-server-rounds": 2, "round-timeout": 150}),
-            on_start=on_start, on_record=on_record, timeout=420,
+            on_start=on_start,
+            on_record=on_record,
+            timeout=420,
         )
         seen["leftovers"] = seen["federation"].leftover_pids()
     finally:

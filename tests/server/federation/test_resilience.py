@@ -25,10 +25,14 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def credentials(tmp_path_factory):
     root = tmp_path_factory.mktemp("identity-credentials")
-    subprocess.run(["bash", str(ROOT / "deploy" / "gen-certs.sh"), str(root / "certs")], check=True,
-                   capture_output=True)
-    subprocess.run(["bash", str(ROOT / "deploy" / "gen-node-keys.sh"), str(root / "keys"), "site-a", "site-b",
-                    "site-c"], check=True, capture_output=True)
+    subprocess.run(
+        ["bash", str(ROOT / "deploy" / "gen-certs.sh"), str(root / "certs")], check=True, capture_output=True
+    )
+    subprocess.run(
+        ["bash", str(ROOT / "deploy" / "gen-node-keys.sh"), str(root / "keys"), "site-a", "site-b", "site-c"],
+        check=True,
+        capture_output=True,
+    )
     return root / "certs", root / "keys"
 
 
@@ -43,17 +47,33 @@ def impostor_run(credentials, tiny_data_dir, tmp_path_factory):
         node = federation.register_key("site-c")  # the operator registered site-c's key ...
         federation.identities[node] = "site-c"
         federation.write_identities()
-        cmd = supernode_command(federation.address, free_port(), "site-a", str(tiny_data_dir / "site-c"),
-                                ca_cert=str(certs / "ca.crt"), auth_key=str(keys / "site-c"))
+        cmd = supernode_command(
+            federation.address,
+            free_port(),
+            "site-a",
+            str(tiny_data_dir / "site-c"),
+            ca_cert=str(certs / "ca.crt"),
+            auth_key=str(keys / "site-c"),
+        )
         log = (out / "impostor.log").open("w")  # ... but that node says it is site-a
-        seen["impostor"] = subprocess.Popen(cmd, env=federation.env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+        seen["impostor"] = subprocess.Popen(
+            cmd, env=federation.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         seen["node"], seen["federation"] = node, federation
 
     try:
-        result = run_federation(tiny_data_dir, out, mode="native", sites=["site-a", "site-b"], run_name="identity",
-                                run_config=tiny_config(**{"num-server-rounds": 1, "round-timeout": 150}),
-                                tls_dir=certs, auth_keys_dir=keys, on_start=on_start, timeout=420)
+        result = run_federation(
+            tiny_data_dir,
+            out,
+            mode="native",
+            sites=["site-a", "site-b"],
+            run_name="identity",
+            run_config=tiny_config(**{"num-server-rounds": 1, "round-timeout": 150}),
+            tls_dir=certs,
+            auth_keys_dir=keys,
+            on_start=on_start,
+            timeout=420,
+        )
     finally:
         if "impostor" in seen:
             os.killpg(seen["impostor"].pid, signal.SIGKILL)
@@ -96,8 +116,16 @@ def crashed_and_resumed(tiny_data_dir, tmp_path_factory):
                     pass
 
     with pytest.raises(FederationError):
-        run_federation(tiny_data_dir, out, mode="native", run_name="crash", run_config=config, on_start=keep,
-                       on_record=kill_server, timeout=420)
+        run_federation(
+            tiny_data_dir,
+            out,
+            mode="native",
+            run_name="crash",
+            run_config=config,
+            on_start=keep,
+            on_record=kill_server,
+            timeout=420,
+        )
     bounce: dict = {}
 
     def restart_site_c(record):
@@ -107,9 +135,16 @@ def crashed_and_resumed(tiny_data_dir, tmp_path_factory):
             federation.kill_supernode("site-c")
             federation.start_supernode("site-c", tiny_data_dir / "site-c")
 
-    result = run_federation(tiny_data_dir, out, mode="native", run_name="crash",
-                            run_config={**config, "resume": True}, on_start=keep, on_record=restart_site_c,
-                            timeout=600)
+    result = run_federation(
+        tiny_data_dir,
+        out,
+        mode="native",
+        run_name="crash",
+        run_config={**config, "resume": True},
+        on_start=keep,
+        on_record=restart_site_c,
+        timeout=600,
+    )
     return result, crash, bounce
 
 

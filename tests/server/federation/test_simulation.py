@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from server.federation import run_federation
-from shared.runlog import read_run_log, round_records
 from shared.ood import read_ood
 from shared.registry import load_model, read_meta, served_version
+from shared.runlog import read_run_log, round_records
 
 from .helpers import Tracker, tiny_config
 
@@ -27,8 +27,14 @@ def sim_run(tiny_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sim-runs")
     seen: list[dict] = []
     try:
-        result = run_federation(tiny_data_dir, out, run_config=tiny_config(**{"num-server-rounds": 2}),
-                                run_name="sim", on_record=seen.append, on_start=tracker)
+        result = run_federation(
+            tiny_data_dir,
+            out,
+            run_config=tiny_config(**{"num-server-rounds": 2}),
+            run_name="sim",
+            on_record=seen.append,
+            on_start=tracker,
+        )
         seen.append({"event": "served", "version": served_version(result.registry)})
         leftovers = tracker.leftovers()
     finally:
@@ -42,9 +48,14 @@ def resumed_fault_run(sim_run, tiny_data_dir):
     result, _, _ = sim_run
     tracker = Tracker()
     try:
-        return run_federation(tiny_data_dir, result.registry.parent, sites=SITES + ["site-x"], run_name="sim",
-                              run_config=tiny_config(**{"num-server-rounds": 3, "resume": True, "fault-inject": "site-b:nan"}),
-                              on_start=tracker)
+        return run_federation(
+            tiny_data_dir,
+            result.registry.parent,
+            sites=SITES + ["site-x"],
+            run_name="sim",
+            run_config=tiny_config(**{"num-server-rounds": 3, "resume": True, "fault-inject": "site-b:nan"}),
+            on_start=tracker,
+        )
     finally:
         tracker.cleanup()
 

@@ -182,8 +182,9 @@ def test_fedadam_moments_survive_a_resume_exactly():
 
     def one_round(strat, server_round, start: dict, delta: float):
         strat.current_arrays = {k: v.numpy() for k, v in ArrayRecord(torch_state_dict=start).items()}
-        merged, _ = strat.aggregate_train(server_round, [_reply(1, "a", _shifted(start, delta)),
-                                                         _reply(2, "b", _shifted(start, delta))])
+        merged, _ = strat.aggregate_train(
+            server_round, [_reply(1, "a", _shifted(start, delta)), _reply(2, "b", _shifted(start, delta))]
+        )
         return merged.to_torch_state_dict()
 
     after_1 = one_round(strategy, 1, arrays.to_torch_state_dict(), 0.5)
