@@ -117,3 +117,14 @@ def test_resolve_device():
         with pytest.raises(ValueError, match="CUDA"):
             resolve_device("cuda")
     assert isinstance(bf16_supported("cpu"), bool)
+
+
+def test_device_is_one_run_config_key_and_an_api_setting():
+    from server.api.config import ApiSettings
+    from shared.runconfig import RunConfig, run_config_defaults
+
+    assert run_config_defaults()["device"] == "auto" and ApiSettings().device == "auto"
+    assert RunConfig.from_run_config({"device": "cuda:1"}).device == "cuda:1"
+    with pytest.raises(ValueError, match="device"):
+        RunConfig.from_run_config({"device": "tpu"})
+    assert ApiSettings().inference_precision == "fp32"
