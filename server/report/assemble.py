@@ -24,7 +24,7 @@ from server.report.invariance import (
 from shared.labels import FOREGROUND_LABELS, LABELS, TISSUE_LABELS
 from shared.metrics import nanmean
 
-__all__ = ["ReportOptions", "assemble_report", "model_info"]
+__all__ = ["ReportOptions", "assemble_report", "model_info", "ood_summary"]
 
 FOREGROUND = {k: LABELS[k] for k in FOREGROUND_LABELS}
 # Grey and white matter occur in every case; lesions in some. A site's all-label mean therefore
@@ -172,6 +172,19 @@ def factor_sites(rows: Sequence[dict], data_dir: str | Path) -> list[dict]:
     return out
 
 
+def ood_summary(record: dict | None) -> dict | None:
+    """What the report shows of a model's OOD record: each site's volume count (the sites shared aggregates
+    only), the threshold and its rule, and the score each "where instance norm stops" level reaches."""
+    if not record:
+        return None
+    return {
+        "threshold": record.get("threshold"),
+        "threshold_rule": record.get("threshold_rule", ""),
+        "sites": {name: {"n": ref.get("n")} for name, ref in sorted(record.get("sites", {}).items())},
+        "stops": [{"kind": s["kind"], "level": s["level"], "score": s["score"]} for s in record.get("stops", [])],
+    }
+
+
 def assemble_report(
     evaluations: Sequence[SiteEvaluation],
     skipped: Sequence[dict],
@@ -180,8 +193,9 @@ def assemble_report(
     history: RoundHistory | None = None,
     history_note: str = "",
     data_dir: str = "",
+    ood: dict | None = None,
 ) -> tuple[dict, dict[str, bytes]]:
-    """Turn per-site evaluations into the report dict and its figures (PNG bytes)."""
+    """Turn per-site evaluations (and the model's OOD record, ``shared.ood``) into the report dict and figures."""
     per_case = {e.site: [c["dice"] for c in e.cases] for e in evaluations}
     rows = site_table(
         per_case, FOREGROUND, n_resamples=options.n_resamples, seed=options.seed, groups={"tissue": TISSUE_LABELS}
@@ -215,6 +229,7 @@ def assemble_report(
         "histograms": histograms,
         "history": history.to_dict() if history else None,
         "history_note": history_note,
+        "ood": ood_summary(ood),
     }
     figs: dict[str, bytes] = {}
     if rows:

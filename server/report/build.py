@@ -24,6 +24,7 @@ from server.report.assemble import ReportOptions, assemble_report, model_info
 from server.report.evaluation import evaluate_sites
 from server.report.export import write_report
 from server.report.history import find_run_log, read_history
+from shared.ood import read_ood
 
 __all__ = ["ReportOptions", "ReportResult", "generate_report"]
 
@@ -86,7 +87,10 @@ def generate_report(
             note = "" if history.rounds else f"run log {log_path} holds no round records"
         except (OSError, ValueError) as exc:
             note = f"run log {log_path} could not be read: {exc}"
-    report, figs = assemble_report(evaluations, skipped, model_info(meta), options, history, note, str(data_dir))
+    ood = read_ood(registry, meta["version"])  # the sites' intensity summaries the API's OOD check uses
+    report, figs = assemble_report(
+        evaluations, skipped, model_info(meta), options, history, note, str(data_dir), ood=ood
+    )
     report["seconds"] = time.perf_counter() - start
 
     files = write_report(report, figs, tmp)

@@ -193,6 +193,25 @@ def _refused_note(history: dict) -> str:
     return f'<p class="flag">Refused replies (site identity):</p><ul class="skip">{"".join(items)}</ul>'
 
 
+def _ood_section(ood: dict) -> str:
+    """The sites' intensity summaries the API compares every upload with, the threshold and its reasoning."""
+    out = (
+        "<p>Each site summarised its own training volumes (standardised intensity quantiles and block "
+        "uniformity, which no scanner <code>s·x + b</code> changes) and shared only aggregates. An upload's "
+        f"score is its distance to the nearest site; the API warns above <b>{fmt(ood['threshold'], 2)}</b>: "
+        f"{html.escape(str(ood['threshold_rule']))}.</p>"
+    )
+    out += table(["site", "training volumes summarised"], [[s, v["n"]] for s, v in ood["sites"].items()])
+    rows = [
+        ["gamma curve x^γ" if s["kind"] == "gamma" else "smooth bias field", s["level"], s["score"],
+         "yes" if s["score"] > ood["threshold"] else "no"]
+        for s in ood["stops"]
+    ]
+    if rows:
+        out += table(["the sites' own volumes under", "level", "mean score", "warned"], rows)
+    return out
+
+
 def render_report(report: dict, figs: dict[str, bytes]) -> str:
     """The report as one self-contained HTML document."""
     model = report["model"]
@@ -209,6 +228,8 @@ def render_report(report: dict, figs: dict[str, bytes]) -> str:
         sections.append(("Skipped sites", f'<ul class="skip">{items}</ul>'))
     sections.append(("Invariance certificate", _invariance_section(report, figs)))
     sections.append(("Where instance norm stops", _stops_section(report, figs)))
+    if report.get("ood"):
+        sections.append(("Out-of-distribution check of uploads", _ood_section(report["ood"])))
     if "histograms" in figs:
         hist_rows = [[s, h["min"], h["p1"], h["median"], h["p99"], h["max"]] for s, h in report["histograms"].items()]
         sections.append(

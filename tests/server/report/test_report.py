@@ -204,3 +204,21 @@ def test_history_from_a_federation_run_log(tmp_path):
     assert history.missing == [["b"], []]
     with pytest.raises(FileNotFoundError):
         read_history(tmp_path / "missing.jsonl")
+
+
+def test_the_report_shows_the_sites_ood_summaries_and_threshold(trained_registry, tiny_data_dir, tmp_path):
+    from server.report.build import ReportOptions, generate_report
+    from shared.ood import build_record, site_reference_from_dir, write_ood
+
+    registry = tmp_path / "registry"
+    shutil.copytree(trained_registry, registry)
+    sites = ("site-a", "site-b", "site-c")
+    refs = {s: site_reference_from_dir(tiny_data_dir / s, gammas=(0.5,), bias_strengths=(0.5,)) for s in sites}
+    write_ood(registry, "tiny-instance", build_record(refs))
+    options = ReportOptions(k=0, gammas=(), bias_strengths=(), n_resamples=100, hd95=False, save_predictions=False)
+    result = generate_report(registry, tiny_data_dir, tmp_path / "report", options=options)
+    ood = result.report["ood"]
+    assert sorted(ood["sites"]) == list(sites) and all(v["n"] >= 1 for v in ood["sites"].values())
+    assert ood["threshold"] > 0 and {(s["kind"], s["level"]) for s in ood["stops"]} == {("gamma", 0.5), ("bias", 0.5)}
+    page = result.files["html"].read_text()
+    assert "Out-of-distribution check of uploads" in page and "training volumes summarised" in page
