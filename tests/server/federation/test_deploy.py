@@ -4,28 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from server.federation.launcher import LocalFederation, flower_env, free_port, supernode_command
 
-ROOT = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def credentials(tmp_path_factory):
-    root = tmp_path_factory.mktemp("credentials")
-    subprocess.run(
-        ["bash", str(ROOT / "deploy" / "gen-certs.sh"), str(root / "certs")], check=True, capture_output=True
-    )
-    subprocess.run(
-        ["bash", str(ROOT / "deploy" / "gen-node-keys.sh"), str(root / "keys"), "site-a", "intruder"],
-        check=True,
-        capture_output=True,
-    )
-    return root / "certs", root / "keys"
 
 
 def test_scripts_make_a_verifiable_certificate_and_p384_keys(credentials):

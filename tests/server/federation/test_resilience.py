@@ -18,22 +18,7 @@ from shared.runlog import read_run_log, round_records
 
 from .helpers import tiny_config
 
-ROOT = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def credentials(tmp_path_factory):
-    root = tmp_path_factory.mktemp("identity-credentials")
-    subprocess.run(
-        ["bash", str(ROOT / "deploy" / "gen-certs.sh"), str(root / "certs")], check=True, capture_output=True
-    )
-    subprocess.run(
-        ["bash", str(ROOT / "deploy" / "gen-node-keys.sh"), str(root / "keys"), "site-a", "site-b", "site-c"],
-        check=True,
-        capture_output=True,
-    )
-    return root / "certs", root / "keys"
 
 
 @pytest.fixture(scope="module")
