@@ -32,8 +32,8 @@ import torch
 
 from server.federation import run_federation
 from shared.data import make_train_loader
-from shared.runconfig import RunConfig
 from shared.model import build_unet
+from shared.runconfig import RunConfig
 from shared.scanner import ScannerProfile
 from shared.synth import SiteSpec, generate_sites
 from shared.training import evaluate, load_site, train_epochs
@@ -44,10 +44,20 @@ SPACING = (4.0, 4.0, 4.0)
 SITES = (  # same scanners as tests/conftest.py, a few more cases
     SiteSpec("site-a", ScannerProfile(scale=1.0, shift=0.0, spacing=SPACING), n_train=4, n_test=0),
     SiteSpec("site-b", ScannerProfile(scale=4.0, shift=-300.0, spacing=SPACING), n_train=4, n_test=0),
-    SiteSpec("site-c", ScannerProfile(scale=0.25, shift=500.0, gamma=0.7, bias_strength=0.2, noise_std=0.01,
-                                      spacing=SPACING), n_train=3, n_test=0),
+    SiteSpec(
+        "site-c",
+        ScannerProfile(scale=0.25, shift=500.0, gamma=0.7, bias_strength=0.2, noise_std=0.01, spacing=SPACING),
+        n_train=3,
+        n_test=0,
+    ),
 )
-BASE_CONFIG = {"roi-size": "32,32,32", "spacing": "4,4,4", "channels": "8,16,32", "samples-per-volume": 2, "min-sites": 2}
+BASE_CONFIG = {
+    "roi-size": "32,32,32",
+    "spacing": "4,4,4",
+    "channels": "8,16,32",
+    "samples-per-volume": 2,
+    "min-sites": 2,
+}
 
 
 class MemorySampler:
@@ -138,8 +148,9 @@ def bare_rounds(data_dir: Path, run_config: dict, rounds: int, workers: int = 2)
             start = time.perf_counter()
             states = pool.map(_site_round, [(d, run_config, global_state) for d in site_dirs], chunksize=1)
             total = sum(n for n, _ in states)
-            global_state = {k: sum(s[k].float() * (n / total) for n, s in states).to(v.dtype)
-                            for k, v in global_state.items()}
+            global_state = {
+                k: sum(s[k].float() * (n / total) for n, s in states).to(v.dtype) for k, v in global_state.items()
+            }
             if rnd > 0:
                 times.append(time.perf_counter() - start)
     return times
@@ -151,8 +162,12 @@ def federated(data_dir: Path, out: Path, run_config: dict, name: str) -> dict:
         result = run_federation(data_dir, out, run_config=run_config, run_name=name, on_start=sampler.attach)
     finally:
         sampler.stop()
-    return {"wall_s": result.seconds, "round_s": [r["seconds"] for r in result.rounds],
-            "peak_rss_mb": sampler.peak_bytes / 2**20, "sites": len(result.rounds[-1]["participants"])}
+    return {
+        "wall_s": result.seconds,
+        "round_s": [r["seconds"] for r in result.rounds],
+        "peak_rss_mb": sampler.peak_bytes / 2**20,
+        "sites": len(result.rounds[-1]["participants"]),
+    }
 
 
 def link_sites(data_dir: Path, target: Path, n: int) -> Path:
@@ -184,50 +199,87 @@ def main() -> int:
     fed_steady = fed["round_s"][1:]  # round 1 includes Ray start-up and data caching
     bare = bare_rounds(data, ratio_config, args.rounds - 1)
     overhead = {
-        "local_epochs": args.epochs, "rounds": args.rounds, "sites": len(SITES),
-        "federated_round_s": fed_steady, "bare_round_s": bare,
-        "federated_first_round_s": fed["round_s"][0], "federated_wall_s": fed["wall_s"],
+        "local_epochs": args.epochs,
+        "rounds": args.rounds,
+        "sites": len(SITES),
+        "federated_round_s": fed_steady,
+        "bare_round_s": bare,
+        "federated_first_round_s": fed["round_s"][0],
+        "federated_wall_s": fed["wall_s"],
         "ratio": statistics.median(fed_steady) / statistics.median(bare),
         "goal": 1.10,
     }
-    print(f"overhead: federated round {statistics.median(fed_steady):.2f}s vs bare {statistics.median(bare):.2f}s "
-          f"-> ratio {overhead['ratio']:.3f}", flush=True)
+    print(
+        f"overhead: federated round {statistics.median(fed_steady):.2f}s vs bare {statistics.median(bare):.2f}s "
+        f"-> ratio {overhead['ratio']:.3f}",
+        flush=True,
+    )
 
     # 2. Scaling with the number of sites.
     scaling = []
     for n in (int(v) for v in args.scale.split(",")):
         sites_dir = link_sites(data, work / f"data{n}", n)
-        run = federated(sites_dir, work / "runs", {**BASE_CONFIG, "num-server-rounds": 2, "local-epochs": 1}, f"scale{n}")
+        run = federated(
+            sites_dir, work / "runs", {**BASE_CONFIG, "num-server-rounds": 2, "local-epochs": 1}, f"scale{n}"
+        )
         run["n_sites"] = n
         scaling.append(run)
-        print(f"{n} sites: wall {run['wall_s']:.1f}s, rounds {run['round_s']}, peak RSS {run['peak_rss_mb']:.0f} MiB", flush=True)
+        print(
+            f"{n} sites: wall {run['wall_s']:.1f}s, rounds {run['round_s']}, peak RSS {run['peak_rss_mb']:.0f} MiB",
+            flush=True,
+        )
 
     results = {
-        "benchmark": "federation", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
-        "config": BASE_CONFIG, "overhead": overhead, "scaling": scaling,
+        "benchmark": "federation",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_start": load_start,
+            "loadavg_end": os.getloadavg(),
+        },
+        "config": BASE_CONFIG,
+        "overhead": overhead,
+        "scaling": scaling,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "federation.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [
-        "# Federation benchmark", "",
+        "# Federation benchmark",
+        "",
         f"Measured {results['time']} on {os.cpu_count()} CPU cores (load average {load_start[0]:.1f} at start, "
         f"{results['machine']['loadavg_end'][0]:.1f} at end; other work shares the machine). "
-        "Tiny 4 mm sites, UNet channels 8,16,32, 32^3 crops.", "",
-        "## Flower overhead per round", "",
-        f"{len(SITES)} sites, {args.epochs} local epochs, simulation engine, after warm-up.", "",
-        "| | median round (s) | rounds |", "|---|---|---|",
-        f"| federated (Flower simulation) | {statistics.median(fed_steady):.2f} | {', '.join(f'{v:.2f}' for v in fed_steady)} |",
-        f"| bare (same work, 2 one-thread worker processes) | {statistics.median(bare):.2f} | {', '.join(f'{v:.2f}' for v in bare)} |",
-        "", f"**Ratio {overhead['ratio']:.3f}** (goal <= 1.10). First federated round (Ray start-up, data caching): "
-        f"{fed['round_s'][0]:.1f} s; whole run {fed['wall_s']:.1f} s.", "",
-        "## Simulation scaling", "", "2 rounds, 1 local epoch.", "",
-        "| sites | wall (s) | round times (s) | peak RSS, all processes (MiB) |", "|---|---|---|---|",
+        "Tiny 4 mm sites, UNet channels 8,16,32, 32^3 crops.",
+        "",
+        "## Flower overhead per round",
+        "",
+        f"{len(SITES)} sites, {args.epochs} local epochs, simulation engine, after warm-up.",
+        "",
+        "| | median round (s) | rounds |",
+        "|---|---|---|",
+        f"| federated (Flower simulation) | {statistics.median(fed_steady):.2f}"
+        f" | {', '.join(f'{v:.2f}' for v in fed_steady)} |",
+        f"| bare (same work, 2 one-thread worker processes) | {statistics.median(bare):.2f}"
+        f" | {', '.join(f'{v:.2f}' for v in bare)} |",
+        "",
+        f"**Ratio {overhead['ratio']:.3f}** (goal <= 1.10). First federated round (Ray start-up, data caching): "
+        f"{fed['round_s'][0]:.1f} s; whole run {fed['wall_s']:.1f} s.",
+        "",
+        "## Simulation scaling",
+        "",
+        "2 rounds, 1 local epoch.",
+        "",
+        "| sites | wall (s) | round times (s) | peak RSS, all processes (MiB) |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {r['n_sites']} | {r['wall_s']:.1f} | {', '.join(f'{v:.1f}' for v in r['round_s'])} | {r['peak_rss_mb']:.0f} |"
-              for r in scaling]
+    lines += [
+        f"| {r['n_sites']} | {r['wall_s']:.1f}"
+        f" | {', '.join(f'{v:.1f}' for v in r['round_s'])} | {r['peak_rss_mb']:.0f} |"
+        for r in scaling
+    ]
     (out / "federation.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'federation.json'} and {out / 'federation.md'}")
     shutil.rmtree(work, ignore_errors=True)

@@ -65,7 +65,7 @@ class ScannerProfile:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ScannerProfile":
+    def from_json(cls, path: str | Path) -> ScannerProfile:
         return cls(**json.loads(Path(path).read_text()))
 
 
@@ -77,7 +77,9 @@ def smooth_upsample(coarse: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """
     mid = tuple(max(len_c, -(-n // 4)) for len_c, n in zip(coarse.shape, shape))
     field_ = ndimage.zoom(coarse, [m / c for m, c in zip(mid, coarse.shape)], order=3, mode="nearest", grid_mode=False)
-    field_ = ndimage.zoom(field_, [n / m for n, m in zip(shape, field_.shape)], order=1, mode="nearest", grid_mode=False)
+    field_ = ndimage.zoom(
+        field_, [n / m for n, m in zip(shape, field_.shape)], order=1, mode="nearest", grid_mode=False
+    )
     return field_[tuple(slice(0, n) for n in shape)]
 
 

@@ -24,15 +24,16 @@ import numpy as np
 import torch
 
 from shared.data import DataConfig, preprocess_transforms
+from shared.inferer import InferenceOptions, SlidingWindowPredictor, resolve_device
 from shared.io import save_segmentation
+from shared.labels import NUM_CLASSES, label_name
 from shared.registry import data_config_from_meta, load_model, served_version
 from shared.resample import probabilities_to_grid
-from shared.synth import LABELS
-from shared.inferer import InferenceOptions, SlidingWindowPredictor, resolve_device
 from shared.training import predict_logits
 
-__all__ = ["ModelNotFoundError", "ModelLoadError", "ServedModel", "ModelStore", "Segmentation", "preprocessing", "segment_volume",
-           "labels_to_input_grid", "label_volumes", "input_summary", "preview_slices", "encode_segmentation"]
+__all__ = ["ModelNotFoundError", "ModelLoadError", "ServedModel", "ModelStore", "Segmentation", "preprocessing",
+           "segment_volume", "labels_to_input_grid", "label_volumes", "input_summary", "preview_slices",
+           "encode_segmentation"]
 
 
 log = logging.getLogger("fedmri.api")
@@ -57,8 +58,8 @@ class ServedModel:
 
     @property
     def label_names(self) -> dict[int, str]:
-        classes = int(self.meta.get("model_config", {}).get("out_channels", len(LABELS)))
-        return {k: LABELS.get(k, f"label {k}") for k in range(classes)}
+        classes = int(self.meta.get("model_config", {}).get("out_channels", NUM_CLASSES))
+        return {k: label_name(k) for k in range(classes)}
 
 
 class ModelStore:
@@ -103,7 +104,8 @@ class ModelStore:
     def _load_default(self) -> ServedModel:
         version = self.default_version or served_version(self.registry_dir)
         if version is None:
-            raise ModelNotFoundError(f"no model registered in {self.registry_dir}; run `fedmri train` or `fedmri federate`")
+            raise ModelNotFoundError(
+                f"no model registered in {self.registry_dir}; run `fedmri train` or `fedmri federate`")
         model = self.get(version)
         # One window through the network now, so the first request does not pay torch's warm-up.
         roi = model.data_config.roi_size
