@@ -349,14 +349,15 @@ class LocalFederation:
 
     def close(self) -> None:
         """Stop every process this federation started, including helpers Flower puts in their own sessions."""
-        if self._closed:
-            return
-        self._closed = True
-        for proc in list(self.supernodes.values()) + ([self.superlink] if self.superlink else []):
-            proc.stop()
+        if not self._closed:
+            self._closed = True
+            for proc in list(self.supernodes.values()) + ([self.superlink] if self.superlink else []):
+                proc.stop()
         # flower-superexec / flwr-simulation / flwr-clientapp run in new sessions; find them by our FLWR_HOME.
+        # Every call sweeps again: a helper that was being spawned while an earlier close ran (a crash drill
+        # closing from another thread) is caught by the close that follows.
         stragglers = self.leftover_pids()
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGKILL):
             for pid in stragglers:
                 try:
                     os.kill(pid, sig)
