@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -180,3 +181,25 @@ def live_server(api_registry, tmp_path_factory) -> Iterator[dict]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def chromium(tmp_path):
+    """``chromium(flags)``: headless Debian Chromium under selenium with a fresh profile (skips when either is
+    missing). Each test passes its own flags (WebGL tests need SwiftShader)."""
+
+    def start(flags):
+        webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
+        from selenium.webdriver.chrome.service import Service
+
+        binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+        if not binary or not driver:
+            pytest.skip("Debian chromium/chromium-driver not installed (apt-get install -y chromium chromium-driver)")
+        os.environ.setdefault("SE_AVOID_STATS", "true")  # selenium: no usage statistics
+        options = webdriver.ChromeOptions()
+        options.binary_location = binary
+        for flag in (*flags, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+            options.add_argument(flag)
+        return webdriver.Chrome(service=Service(executable_path=driver), options=options)
+
+    return start

@@ -37,21 +37,6 @@ def api_registry(api_registry, tiny_data_dir, tmp_path_factory):
     return registry
 
 
-def _chrome(tmp_path: Path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("Debian chromium/chromium-driver not installed (apt-get install -y chromium chromium-driver)")
-    os.environ.setdefault("SE_AVOID_STATS", "true")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
-
-
 def _upload(browser, path: Path) -> str:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -64,7 +49,7 @@ def _upload(browser, path: Path) -> str:
     return browser.find_element(By.TAG_NAME, "body").get_attribute("data-state")
 
 
-def test_dicom_zip_upload_and_ood_warning_in_headless_chromium(live_server, site_case, tmp_path):
+def test_dicom_zip_upload_and_ood_warning_in_headless_chromium(chromium, live_server, site_case, tmp_path):
     from selenium.webdriver.common.by import By
 
     img = nib.load(site_case[0])
@@ -74,7 +59,7 @@ def test_dicom_zip_upload_and_ood_warning_in_headless_chromium(live_server, site
     curved = tmp_path / "curved.zip"  # the same brain through a strong gamma curve: unlike every site
     series_to_zip(make_mr_series(_in_signal_range(volume, ScannerProfile(gamma=0.3), None), img.affine), curved)
 
-    browser = _chrome(tmp_path)
+    browser = chromium(CHROMIUM_FLAGS)
     try:
         browser.get(live_server["url"] + "/")
         assert ".zip" in browser.find_element(By.ID, "file").get_attribute("accept")

@@ -59,21 +59,6 @@ def api_registry(api_registry, tiny_data_dir, tmp_path_factory):
     return registry
 
 
-def _chrome(tmp_path: Path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("Debian chromium/chromium-driver not installed (apt-get install -y chromium chromium-driver)")
-    os.environ.setdefault("SE_AVOID_STATS", "true")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
-
-
 def _upload(browser, path: Path) -> str:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -97,7 +82,7 @@ def _legend(browser) -> dict[str, tuple[str, float]]:
     return shown
 
 
-def test_niivue_viewer_shows_the_overlay_in_three_planes(live_server, site_case, tmp_path):
+def test_niivue_viewer_shows_the_overlay_in_three_planes(chromium, live_server, site_case, tmp_path):
     from selenium.webdriver.common.by import By
 
     if not BUNDLE.is_file():
@@ -109,7 +94,7 @@ def test_niivue_viewer_shows_the_overlay_in_three_planes(live_server, site_case,
     volume = np.asarray(img.dataobj, dtype=np.float32)
     nib.save(nib.Nifti1Image(_in_signal_range(volume, ScannerProfile(gamma=0.3), None), img.affine), curved)
 
-    browser = _chrome(tmp_path)
+    browser = chromium(CHROMIUM_FLAGS)
     try:
         browser.get(live_server["url"] + "/")
         assert browser.execute_script("return !!document.createElement('canvas').getContext('webgl2')"), (
@@ -161,11 +146,11 @@ def test_niivue_viewer_shows_the_overlay_in_three_planes(live_server, site_case,
         browser.quit()
 
 
-def test_without_webgl2_the_page_shows_server_slices(live_server, site_case, tmp_path):
+def test_without_webgl2_the_page_shows_server_slices(chromium, live_server, site_case, tmp_path):
     """No WebGL2 (old browser, GPU blocklisted): same upload, the server-rendered slices are the view."""
     from selenium.webdriver.common.by import By
 
-    browser = _chrome(tmp_path)
+    browser = chromium(CHROMIUM_FLAGS)
     try:
         browser.execute_cdp_cmd(
             "Page.addScriptToEvaluateOnNewDocument",

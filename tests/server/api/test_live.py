@@ -91,22 +91,7 @@ def test_server_log_has_requests_but_no_patient_file_names(live_server, site_cas
     assert "SMITH" not in log and "MRN4711" not in log
 
 
-def _chrome(tmp_path: Path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver:
-        pytest.skip("Debian chromium/chromium-driver not installed (apt-get install -y chromium chromium-driver)")
-    os.environ.setdefault("SE_AVOID_STATS", "true")  # selenium: no usage statistics
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
-
-
-def test_web_page_in_headless_chromium(live_server, site_case, tmp_path):
+def test_web_page_in_headless_chromium(chromium, live_server, site_case, tmp_path):
     """Choose a real NIfTI file, upload it, and see three overlaid slices and the label volumes."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -115,7 +100,7 @@ def test_web_page_in_headless_chromium(live_server, site_case, tmp_path):
     shutil.copy(site_case[0], upload)
     expected = _post(live_server["url"], upload.read_bytes(), path="/v1/segment/summary").json()["volumes_ml"]
 
-    browser = _chrome(tmp_path)
+    browser = chromium(CHROMIUM_FLAGS)
     try:
         browser.get(live_server["url"] + "/")
         assert "fedmri" in browser.title
