@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
 from shared.errors import InvalidSiteError, InvalidVolumeError
 
@@ -35,11 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_gpu_probes() -> None:
+    """MONAI probes NVIDIA's nvImageCodec (a GPU DICOM decoder) when monai.data is imported and warns twice
+    if it is absent, i.e. on every CPU machine: not actionable, and it buried the report's own output."""
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    quiet_gpu_probes()
     try:
         return int(args._run(args) or 0)
     except (InvalidSiteError, InvalidVolumeError, ValueError, FileNotFoundError) as exc:
