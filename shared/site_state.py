@@ -1,10 +1,14 @@
 """A site's local parameters (FedBN's normalisation layers) on that site's own disk.
 
 Under FedBN each hospital keeps its normalisation layers (BatchNorm statistics and affine
-parameters, or the per-channel gamma, beta of an affine instance norm) and never sends them to
-the server. Flower keeps them in the node's in-memory ``context.state``; this module also writes
-them after every round to the site's disk, so they survive a restarted SuperNode and a resumed
-run, and so the site can use its personalised model after the federation ends:
+parameters, or the per-channel gamma, beta of an affine instance norm): it trains and predicts
+with its own, and they never enter the global model the sites start each round from. (The update
+still carries them; the server averages them apart from the global model, only so that a
+hospital outside the federation can be offered complete "new site" layers: the ablation's
+FedBN *new site* row.) Flower keeps a site's own layers in the node's in-memory
+``context.state``; this module also writes them after every round to the site's disk (the
+file itself is never sent), so they survive a restarted SuperNode and a resumed run, and the
+site can use its personalised model after the federation ends:
 
     <site data folder>/.fedmri-state/<run-name>.pt      (or node config ``state-dir``)
 
