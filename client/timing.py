@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 
-__all__ = ["IMPORT_START", "PROCESS_START", "Stopwatch", "imports_done"]
+__all__ = ["IMPORT_START", "PROCESS_START", "Stopwatch", "imports_done", "process_marks"]
 
 IMPORT_START = time.time()
 
@@ -33,8 +33,9 @@ _state = {"imported": None, "first": True}
 
 
 def imports_done() -> None:
-    """Mark the end of the app module's imports (call once, at the end of ``client/app.py``'s imports)."""
-    if _state["imported"] is None:
+    """Mark the end of our imports: ``client/app.py`` calls it after its own, ``client/task.py`` after torch, MONAI
+    and ``shared``; the latest mark before this process's first measured message counts."""
+    if _state["first"]:
         _state["imported"] = time.time()
 
 
@@ -62,3 +63,15 @@ class Stopwatch:
             "time_reply": time.time(),
         }
         return {k: float(v) for k, v in out.items()}
+
+
+def process_marks(entered: float) -> dict[str, float]:
+    """This process's start-up, imports and wait before a handler entered at ``entered`` (the thin ClientApp
+    process in a deployment, which hands the work to the site's worker: its marks replace the worker's)."""
+    imported = _state["imported"] or IMPORT_START
+    return {
+        "time_startup": IMPORT_START - PROCESS_START,
+        "time_import": imported - IMPORT_START,
+        "time_before_handler": entered - imported,
+        "time_process_start": PROCESS_START,
+    }

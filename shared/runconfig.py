@@ -129,6 +129,11 @@ class RunConfig(BaseModel):
     site_cache: bool = _field(
         True, "sites keep preprocessed volumes on their own disk (node config cache-dir, default "
         "<data-dir>/.fedmri-cache)", "federation")
+    warm_worker: bool = _field(
+        True, "deployment: each site keeps a warm worker process that the per-message ClientApp process hands its "
+        "work to (client/worker.py); off: every message does its work in its own fresh process", "federation")
+    worker_idle_timeout: float = _field(
+        600.0, "seconds a site's warm worker waits for the next message before it exits", "federation", gt=0)
     select_checkpoint: Literal[CHECKPOINT_CHOICES] = _field(
         "last", "which round's checkpoint is served: the last, or the best federated validation Dice "
         "(held-out training cases, never test cases)", "federation")

@@ -16,7 +16,9 @@ from shared.errors import InvalidSiteError
 from shared.model import build_unet, norm_parameter_names
 from shared.runconfig import RunConfig
 
-RUN = {"channels": "8,16,32", "roi-size": "32,32,32", "spacing": "4,4,4", "max-steps": 2, "local-epochs": 3}
+# The task in this process (as in a simulation); tests/client/test_worker.py hands it to the site's worker.
+RUN = {"channels": "8,16,32", "roi-size": "32,32,32", "spacing": "4,4,4", "max-steps": 2, "local-epochs": 3,
+       "warm-worker": False}
 
 
 @pytest.fixture(autouse=True)

@@ -47,7 +47,9 @@ def native_run(tiny_data_dir, tmp_path_factory):
             out,
             mode="native",
             run_name="native",
-            run_config=tiny_config(**{"num-server-rounds": 2, "round-timeout": 150}),
+            # A fresh process per message (no warm worker): the path the site's disk cache is for, and the
+            # worker's fallback; test_warm_worker.py runs the same federation with the worker.
+            run_config=tiny_config(**{"num-server-rounds": 2, "round-timeout": 150, "warm-worker": False}),
             on_start=on_start,
             on_record=on_record,
             timeout=420,
