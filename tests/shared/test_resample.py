@@ -141,3 +141,51 @@ def test_api_segmentation_keeps_shape_affine_and_codes(tmp_path):
     assert np.allclose(saved.affine, affine, atol=1e-5)
     assert int(saved.header["qform_code"]) == 1 and int(saved.header["sform_code"]) == 2
     assert np.allclose(voxel_spacing(saved.affine), [1.3, 0.9, 2.5], atol=1e-5)
+
+
+def _permuted_flipped_anisotropic() -> np.ndarray:
+    """Axis-aligned but not diagonal: target axes run along world y (flipped), z and x, 1.3 x 0.9 x 2.5 mm."""
+    affine = np.zeros((4, 4))
+    affine[1, 0], affine[2, 1], affine[0, 2], affine[3, 3] = -1.3, 0.9, 2.5, 1.0
+    affine[:3, 3] = [-9.0, 12.0, -7.5]
+    return affine
+
+
+def test_axis_aligned_fast_path_agrees_with_the_general_path():
+    """The separable path (permutation, flip, scaling) samples where grid_sample does, border included."""
+    from shared import resample
+
+    rng = np.random.default_rng(3)
+    probs = rng.random((4, 10, 12, 9)).astype(np.float32)
+    source = np.diag([2.0, 2.0, 2.0, 1.0])
+    source[:3, 3] = [-8.0, -10.0, -6.0]
+    target, shape = _permuted_flipped_anisotropic(), (23, 19, 17)  # reaches past the source: border clamping
+    voxel_map = np.linalg.solve(source, target)
+    assert resample.aligned_axes(voxel_map, shape) == (1, 2, 0)
+    fast = probabilities_to_grid(probs, source, target, shape)
+    general = resample._general_to_grid(torch.from_numpy(probs), voxel_map, shape, resample.DEFAULT_CHUNK_VOXELS)
+    assert fast.shape == general.shape == shape and fast.dtype == np.uint8
+    assert (fast == general).mean() >= 0.999  # float rounding of near-ties only (exact here)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), 0).reshape(3, -1)
+    src = np.clip(voxel_map[:3, :3] @ ijk + voxel_map[:3, 3:], 0, np.array(probs.shape[1:])[:, None] - 1)
+    expected = np.stack([map_coordinates(p, src, order=1) for p in probs]).argmax(0).reshape(shape)
+    assert (fast == expected).mean() >= 0.999
+    # slab size changes nothing; float noise off the axes (1e-9) keeps the fast path
+    assert (probabilities_to_grid(probs, source, target, shape, chunk_voxels=1) == fast).all()
+    noisy = target.copy()
+    noisy[:3, :3] += 1e-9
+    assert resample.aligned_axes(np.linalg.solve(source, noisy), shape) is not None
+
+
+def test_oblique_grids_take_the_general_path(monkeypatch):
+    from shared import resample
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the axis-aligned path was used for an oblique voxel map")
+
+    monkeypatch.setattr(resample, "_aligned_to_grid", fail)
+    source = np.diag([2.0, 2.0, 2.0, 1.0])
+    target, shape = _oblique_flipped_anisotropic(), (14, 17, 6)
+    assert resample.aligned_axes(np.linalg.solve(source, target), shape) is None
+    probs = np.random.default_rng(4).random((3, 10, 12, 9)).astype(np.float32)
+    assert probabilities_to_grid(probs, source, target, shape).shape == shape
