@@ -15,7 +15,13 @@ import pytest
 import yaml
 
 from server.cli import build_parser
-from server.federation.launcher import FLOWER_ENV, superexec_command, superlink_command, supernode_command
+from server.federation.launcher import (
+    FLOWER_ENV,
+    SUPERNODE_ENV,
+    superexec_command,
+    superlink_command,
+    supernode_command,
+)
 from shared.synth import DEMO_SITES
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -86,13 +92,17 @@ def test_superlink_and_serverapp_match_the_native_launcher(compose):
 def test_each_site_has_its_own_data_volume_and_node_config(compose, site):
     node = compose["services"][f"supernode-{site}"]
     assert node["command"] == supernode_command(
-        "superlink:9093", 9094, site, f"/data/{site}", isolation="process", host="0.0.0.0"
+        "superlink:9093", 9094, site, f"/data/{site}", isolation="process", host="0.0.0.0", cache_dir="/cache"
     )
     volume = f"{site}-data:/data/{site}:ro"
     assert node["volumes"] == [volume]
     clientapp = compose["services"][f"clientapp-{site}"]
     assert clientapp["command"] == superexec_command(f"supernode-{site}:9094")
     assert clientapp["volumes"] == [volume]  # the ClientApp runs here and reads only its own site
+    # ... and keeps its site cache in a writable tmpfs (its warm worker in the container's /tmp); SuperExec polls as
+    # the native launcher makes it poll
+    assert "/cache:mode=1777" in clientapp["tmpfs"]
+    assert {k: clientapp["environment"][k] for k in SUPERNODE_ENV} == SUPERNODE_ENV
     assert depends(node) == {"superlink": "service_healthy", "data": "service_completed_successfully"}
     assert f"supernode-{site}" in depends(clientapp)
     assert not node.get("ports") and not clientapp.get("ports")  # runtime APIs stay inside the network
@@ -221,6 +231,7 @@ def test_tls_override_adds_certificates_and_node_keys(tls_override, site):
         auth_key=f"/keys/{site}",
         isolation="process",
         host="0.0.0.0",
+        cache_dir="/cache",
     )
     assert f"${{FEDMRI_KEYS_DIR:-./deploy/keys}}/{site}:/keys/{site}:ro" in node["volumes"]
     assert not any("server.key" in v for v in node["volumes"])  # sites never see the SuperLink's key
