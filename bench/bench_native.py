@@ -9,17 +9,22 @@ the ServerApp's send/arrival times (``server/federation/polling.py``), split int
 
     dispatch     sent -> ClientApp process started (SuperNode's 3 s pull loop, SuperExec poll, spawn)
     startup      process start -> client.app begins importing (interpreter, flwr-clientapp, FAB)
-    import       client.app's own imports (torch, flwr, shared.*)
+    import       client.app's own imports (thin: flwr, client.worker; torch/MONAI/shared only in the
+                 process that does the work: the worker, or the ClientApp itself with warm-worker=false)
     flower_in    imports done -> handler entered (message and context pulled from the SuperNode)
+    handoff      the thin ClientApp hands the message to the site's warm worker (client/worker.py) and
+                 gets the reply back: connect (or start the worker, with its imports), send, receive
     data         run config, site data (split, disk cache -> loader), network built, weights loaded
-                 (MONAI's import happens here, on first use)
+                 (MONAI's import happens here, on first use; a warm worker keeps loader and imports)
     eval         evaluation of the received model (eval-with-train) or of the evaluate message
     train        local epochs
     serialize    state dict -> ArrayRecord
     reply        handler returned -> reply at the ServerApp (Flower serialisation, push, polls)
 
 ``native_round_over_sim`` = steady native round / steady simulation round (rounds 2..N-1, mean; see
-``summarize``); goal <= 1.5. Also ``python -X importtime -c "import client.app"``.
+``summarize``); goal <= 1.5. Also ``python -X importtime -c "import client.app; import client.task"``.
+Each native message also reports which process did its work (``worker_pid``, ``worker_started``,
+``worker_fallback``); ``--set warm-worker=false`` measures the fresh-process-per-message path.
 Results: bench/results/native.{json,md}.
 Run: .venv/bin/python bench/bench_native.py [--rounds 3] [--local-epochs 1] [--data data]
 """
@@ -46,7 +51,7 @@ from server.federation import run_federation  # noqa: E402
 from shared.cache import DEFAULT_CACHE_NAME  # noqa: E402
 from shared.runlog import read_run_log  # noqa: E402
 
-PHASES = ("dispatch", "startup", "import", "flower_in", "data", "eval", "train", "serialize", "reply")
+PHASES = ("dispatch", "startup", "import", "flower_in", "handoff", "data", "eval", "train", "serialize", "reply")
 
 
 def first_round_records(log_path: Path) -> dict[int, dict]:
@@ -74,6 +79,7 @@ def breakdown(metrics: dict, extra_eval: dict | None = None) -> dict[str, float]
         "startup": metrics.get("time_startup", 0.0),
         "import": metrics.get("time_import", 0.0),
         "flower_in": metrics.get("time_before_handler", 0.0),
+        "handoff": metrics.get("time_handoff", 0.0),
         "data": metrics.get("time_data", 0.0),
         "eval": metrics.get("time_eval", 0.0),
         "train": metrics.get("time_train", 0.0),
@@ -97,7 +103,8 @@ def run_mode(mode: str, data: Path, work: Path, run_config: dict) -> dict:
             for phase in ("train", "eval"):
                 parts = breakdown(info.get(phase, {}))
                 if parts is not None:
-                    cache = {c: info[phase].get(c) for c in ("cache_hits", "cache_built")}
+                    cache = {c: info[phase].get(c) for c in ("cache_hits", "cache_built", "worker_pid",
+                                                             "worker_started", "worker_fallback")}
                     messages.append({"round": k, "site": site, "message": phase, **parts, **cache})
     last = rounds[max(rounds)]["sites"]
     dice = {site: info.get("eval", {}).get("dice_mean") for site, info in last.items()}
@@ -108,15 +115,17 @@ def run_mode(mode: str, data: Path, work: Path, run_config: dict) -> dict:
 
 def import_times() -> dict[str, float]:
     """Cumulative import time (s) of client.app and its biggest parts, and of MONAI (imported per message)."""
-    res = subprocess.run([sys.executable, "-X", "importtime", "-c", "import client.app; import monai.networks.nets"],
+    code = "import client.app; import client.task; import monai.networks.nets"
+    res = subprocess.run([sys.executable, "-X", "importtime", "-c", code],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     top: dict[str, float] = {}
     for line in res.stderr.splitlines():
         m = re.match(r"import time:\s+\d+ \|\s+(\d+) \|( +)(\S+)$", line)
         if m and len(m.group(2)) <= 3:  # top-level and first-level modules
             top[m.group(3)] = max(top.get(m.group(3), 0.0), int(m.group(1)) / 1e6)
-    keep = ["client.app", "torch", "flwr.app", "flwr.clientapp", "numpy", "shared.runconfig", "shared.data",
-            "shared.training", "shared.model", "shared.cache", "monai.networks.nets", "monai"]
+    keep = ["client.app", "client.worker", "client.task", "torch", "flwr.app", "flwr.clientapp", "numpy",
+            "shared.runconfig", "shared.data", "shared.training", "shared.model", "shared.cache", "monai.networks.nets",
+            "monai"]
     return {k: round(top[k], 3) for k in keep if k in top}
 
 
@@ -182,7 +191,8 @@ def markdown(result: dict) -> str:
     what = {
         "dispatch": "sent -> ClientApp process started (SuperNode's 3 s pull loop, SuperExec poll, spawn)",
         "startup": "interpreter + flwr-clientapp until client.app imports",
-        "import": "client.app imports (torch, flwr, shared.*)",
+        "import": "client.app imports (thin: flwr, client.worker; the work's imports: worker or fallback)",
+        "handoff": "thin ClientApp -> site worker -> back (connect or start the worker, send, receive)",
         "flower_in": "message + context pulled by Flower before the handler",
         "data": "config, site split, cached volumes -> loader, network (MONAI import), weights",
         "eval": "evaluation of the received model (eval-with-train)",
@@ -195,12 +205,16 @@ def markdown(result: dict) -> str:
     for p in (*PHASES, "total"):
         lines.append(f"| {p} | {what[p]} | {f.get(p, '-')} | {st.get(p, '-')} |")
     lines += ["", "Per message (native):", "",
-              "| round | site | message | " + " | ".join(PHASES) + " | total | cache hits/built |",
-              "|" + "---|" * (len(PHASES) + 5)]
+              "| round | site | message | " + " | ".join(PHASES) + " | total | cache hits/built | worker pid "
+              "(started, fallback) |",
+              "|" + "---|" * (len(PHASES) + 6)]
     for m in result["native"]["messages"]:
         lines.append(f"| {m['round']} | {m['site']} | {m['message']} | " + " | ".join(f"{m[p]:.2f}" for p in PHASES)
-                     + f" | {m['total']:.2f} | {m.get('cache_hits')}/{m.get('cache_built')} |")
-    lines += ["", "`python -X importtime -c \"import client.app; import monai.networks.nets\"` (cumulative, s):", "",
+                     + f" | {m['total']:.2f} | {m.get('cache_hits')}/{m.get('cache_built')} | "
+                     + (f"{m['worker_pid']} ({m.get('worker_started')}, {m.get('worker_fallback')})"
+                        if m.get("worker_pid") is not None else "-") + " |")
+    lines += ["", "`python -X importtime -c \"import client.app; import client.task; import monai.networks.nets\"` "
+              "(cumulative, s; the thin ClientApp process imports client.app only):", "",
               "| module | s |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in result["import_times"].items()]
     lines += ["", "Final-round Dice (mean over labels) per site, same in both modes up to float noise:", "",
@@ -212,12 +226,16 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(ROOT / "data"))
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="The issue's work: --rounds 3 --local-epochs 1 (the defaults; round 2 is the steady round). "
+        "Smaller: --set max-steps=3. The fresh-process path: --set warm-worker=false.",
+    )
+    parser.add_argument("--data", default=str(ROOT / "data"), help="demo sites (fedmri generate)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per mode (>= 3: rounds 2..N-1 are steady)")
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], help="extra run-config KEY=VALUE (TOML value)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "native"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "native"), help="results stem (.json/.md)")
     parser.add_argument("--keep-cache", action="store_true", help="do not empty the site caches first")
     args = parser.parse_args()
     import tomllib

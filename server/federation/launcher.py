@@ -353,7 +353,8 @@ class LocalFederation:
             self._closed = True
             for proc in list(self.supernodes.values()) + ([self.superlink] if self.superlink else []):
                 proc.stop()
-        # flower-superexec / flwr-simulation / flwr-clientapp run in new sessions; find them by our FLWR_HOME.
+        # flower-superexec / flwr-simulation / flwr-clientapp and the sites' warm workers (client/worker.py, detached
+        # so they outlive a ClientApp process) run in new sessions; find them by our FLWR_HOME, which they inherit.
         # Every call sweeps again: a helper that was being spawned while an earlier close ran (a crash drill
         # closing from another thread) is caught by the close that follows.
         stragglers = self.leftover_pids()
