@@ -498,8 +498,14 @@ def run_ablation(
                     save_model(registry, f"ablation-local-{site.name}-s{seed}", model.state_dict(),
                                cfg.network_config(), dcfg, kind="local", strategy="centralized", norm=cfg.norm,
                                sites=[site.name], epochs=epochs, history=hist, config=cfg.to_run_config())
-                    on = config.sites if seed == first_seed and config.cross_site else [site.name]
-                    evaluations, skipped = _evaluate(model, dcfg, vdata, on, k, seed)
+                    # the cross-site matrix needs Dice only: the invariance check (k maps) on the own site
+                    evaluations, skipped = _evaluate(model, dcfg, vdata, [site.name], k, seed)
+                    if seed == first_seed and config.cross_site:
+                        others = [s for s in (config.sites or site_names) if s != site.name]
+                        more, more_skipped = _evaluate(model, dcfg, vdata, others, 0, seed)
+                        order = {name: i for i, name in enumerate(site_names)}
+                        evaluations = sorted(evaluations + more, key=lambda e: order.get(e.site, len(order)))
+                        skipped = skipped + more_skipped
                     scores = _site_scores(evaluations)
                     matrix[site.name] = {s: v["dice"] for s, v in scores.items()}
                     matrix_tissue[site.name] = {s: v["tissue_dice"] for s, v in scores.items()}
