@@ -25,6 +25,9 @@ Both are trilinear interpolation at the same positions; they differ by float rou
 which changes the argmax only at exact near-ties: 3 voxels in 7.3 million on the benchmark's
 1 mm brain (``tests/shared/test_resample.py`` checks >= 99.99 % on a random case).
 
+:func:`resample_image` is the same separable interpolation for an image going the other way (input
+grid -> model grid, what ``Spacingd`` does), for axis-aligned maps only (``None`` otherwise).
+
 Used by the API (``server.api.inference.segment_volume``), the report's evaluation
 (``server.report.evaluation``) and the federated/pooled evaluation (``shared.training.evaluate``).
 """
@@ -34,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["probabilities_to_grid", "voxel_spacing", "aligned_axes", "DEFAULT_CHUNK_VOXELS",
+__all__ = ["probabilities_to_grid", "resample_image", "voxel_spacing", "aligned_axes", "DEFAULT_CHUNK_VOXELS",
            "ALIGNED_TOLERANCE_VOXELS"]
 
 # Target voxels resampled at once: bounds the sampling grid (3 floats) and output (C floats) per slab.
@@ -43,6 +46,8 @@ DEFAULT_CHUNK_VOXELS = 1 << 20
 ALIGNED_CHUNK_VOXELS = 1 << 15
 # Largest position error (source voxels, over the whole target grid) from dropping off-axis terms.
 ALIGNED_TOLERANCE_VOXELS = 1e-3
+# Sample positions this close to a source voxel centre are taken as on it (float noise of the affines).
+SNAP_VOXELS = 1e-6
 
 
 def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
@@ -104,8 +109,11 @@ def _taps(scale: float, offset: float, n: int, size: int) -> tuple[np.ndarray, n
     """Linear-interpolation taps along one axis: source positions ``scale*i + offset`` clamped to the
     grid (border padding), as lower index, upper index and weight of the upper one."""
     position = np.clip(scale * np.arange(n, dtype=np.float64) + offset, 0.0, size - 1.0)
-    lo = np.minimum(np.floor(position), max(size - 2, 0)).astype(np.intp)
-    return lo, np.minimum(lo + 1, size - 1), (position - lo).astype(np.float32)
+    nearest = np.rint(position)
+    on_voxel = np.abs(position - nearest) < SNAP_VOXELS  # float noise of an exact voxel centre: no weight
+    position[on_voxel] = nearest[on_voxel]
+    lo = np.floor(position).astype(np.intp)  # the last voxel itself has upper = lower, weight 0
+    return lo, np.minimum(lo + 1, size - 1), position - lo
 
 
 def _lerp(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -123,7 +131,7 @@ def _aligned_to_grid(probs: np.ndarray, voxel_map: np.ndarray, axes: tuple[int, 
     (lo0, hi0, w0), (lo1, hi1, w1), (lo2, hi2, w2) = (
         _taps(voxel_map[axes[j], j], voxel_map[axes[j], 3], shape[j], volume.shape[1 + j]) for j in range(3)
     )
-    w0, w1 = w0[:, None, None], w1[:, None]
+    w0, w1, w2 = w0.astype(np.float32)[:, None, None], w1.astype(np.float32)[:, None], w2.astype(np.float32)
     out = np.empty(shape, dtype=np.uint8)
     slab = max(1, min(int(chunk_voxels), ALIGNED_CHUNK_VOXELS) // max(1, shape[1] * shape[2]))
     best = np.empty((slab, shape[1], shape[2]), dtype=np.float32)
@@ -167,3 +175,44 @@ def _general_to_grid(probs: torch.Tensor, voxel_map: np.ndarray, shape: tuple[in
         )  # (1, C, n, Y, Z)
         out[start:start + len(i)] = sampled[0].argmax(0).numpy().astype(np.uint8)
     return out
+
+
+def resample_image(
+    image: np.ndarray,
+    source_affine: np.ndarray,
+    target_affine: np.ndarray,
+    target_shape: tuple[int, int, int],
+) -> np.ndarray | None:
+    """Trilinear resampling of an ``(X, Y, Z)`` image onto an axis-aligned target grid, border padding.
+
+    The sample positions are MONAI ``Spacingd``'s (target voxel -> source voxel through the two
+    affines; voxel centres, ``align_corners=False``), computed in float64 as ``Spacingd``'s default
+    ``dtype`` does, returned as C-contiguous float32 in the target's axis order. One source axis at a
+    time, the most shrinking first; an axis whose positions all fall on source voxels (e.g. 1 mm ->
+    2 mm with the origin kept) is a plain gather. The source may be any strided view (no copy of it
+    is made). Returns ``None`` when the voxel map is oblique (then resample with MONAI).
+    """
+    shape = tuple(int(n) for n in target_shape)
+    voxel_map = np.linalg.solve(np.asarray(source_affine, np.float64), np.asarray(target_affine, np.float64))
+    axes = aligned_axes(voxel_map, shape)
+    if axes is None or image.ndim != 3:
+        return None
+    x = image
+    # most shrinking axis first; among equals the one with the largest stride (whole planes move)
+    order = sorted(range(3), key=lambda j: (shape[j] / image.shape[axes[j]], -abs(image.strides[axes[j]])))
+    for j in order:
+        a = axes[j]
+        lo, hi, w = _taps(voxel_map[a, j], voxel_map[a, 3], shape[j], image.shape[a])
+        if not w.any():  # every sample on a source voxel: a gather, or a strided view when evenly spaced
+            step = int(lo[1] - lo[0]) if len(lo) > 1 else 1
+            if step != 0 and np.array_equal(lo, lo[0] + step * np.arange(len(lo))):
+                stop = int(lo[-1]) + step
+                x = x[(slice(None),) * a + (slice(int(lo[0]), stop if stop >= 0 else None, step),)]
+            else:
+                x = np.take(x, lo, axis=a)
+            continue
+        lower = np.take(x, lo, axis=a)
+        weight = w.reshape([-1 if k == a else 1 for k in range(3)])
+        lower = lower.astype(np.float64, copy=False)
+        x = _lerp(lower, np.take(x, hi, axis=a).astype(np.float64, copy=False), weight)
+    return np.ascontiguousarray(x.transpose(axes), dtype=np.float32)

@@ -28,12 +28,12 @@ from shared.inferer import InferenceOptions, SlidingWindowPredictor, resolve_dev
 from shared.io import save_segmentation
 from shared.labels import NUM_CLASSES, label_name
 from shared.registry import data_config_from_meta, load_model, served_version
-from shared.resample import probabilities_to_grid
+from shared.resample import probabilities_to_grid, resample_image
 from shared.training import predict_logits
 
 __all__ = ["ModelNotFoundError", "ModelLoadError", "ServedModel", "ModelStore", "Segmentation", "preprocessing",
-           "segment_volume", "labels_to_input_grid", "label_volumes", "input_summary", "preview_slices",
-           "encode_segmentation"]
+           "prepare_volume", "segment_volume", "labels_to_input_grid", "label_volumes", "input_summary",
+           "preview_slices", "encode_segmentation"]
 
 
 log = logging.getLogger("fedmri.api")
@@ -191,6 +191,37 @@ def preprocessing(data_config: DataConfig):
     return mt.Compose(chain)
 
 
+def prepare_volume(data_config: DataConfig, image: np.ndarray, affine: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """The network's input ``(1, X, Y, Z)`` float32 and its grid's affine: :func:`preprocessing`'s result.
+
+    The model grid's geometry is MONAI's own (``Orientation`` and ``Spacing`` run lazily: affine and
+    shape, no voxels). Those two keep the input's axis directions, so the model grid is a
+    permutation/flip and scaling of the input grid, and the voxels are resampled there in one
+    separable pass straight from the input array (``shared.resample.resample_image``: Spacingd's
+    positions and border padding, float64 arithmetic, no oriented copy). Equal to the MONAI chain
+    within float32 rounding (``tests/shared/test_resample.py``). With ``zscore`` or an oblique map the
+    MONAI chain itself runs.
+    """
+    from monai import transforms as mt
+    from monai.data import MetaTensor
+
+    affine = np.asarray(affine, dtype=np.float64)
+    if not data_config.zscore and image.ndim == 3:
+        # Geometry only: a zero-stride stand-in of the image's shape carries the pending transforms.
+        stand_in = MetaTensor(torch.zeros(1).expand(1, *image.shape), affine=torch.as_tensor(affine))
+        geometry = mt.Spacing(pixdim=data_config.spacing, mode="bilinear", padding_mode="border", lazy=True)(
+            mt.Orientation(axcodes="RAS", labels=None, lazy=True)(stand_in))
+        model_affine = np.asarray(geometry.peek_pending_affine(), dtype=np.float64)
+        shape = tuple(int(n) for n in geometry.peek_pending_shape())
+        resampled = resample_image(image, affine, model_affine, shape)
+        if resampled is not None:
+            return torch.from_numpy(resampled).unsqueeze(0), model_affine
+    volume = MetaTensor(torch.from_numpy(image), affine=torch.as_tensor(affine),
+                        meta={"original_channel_dim": "no_channel"})
+    prepared = preprocessing(data_config)({"image": volume})["image"]
+    return prepared.as_tensor(), np.asarray(prepared.affine, dtype=np.float64)
+
+
 def segment_volume(model: ServedModel, image: np.ndarray, meta: dict, overlap: float = 0.25, sw_batch_size: int = 2,
                    precision: str = "fp32", device: str | None = None) -> Segmentation:
     """Segment a validated 3-D ``image`` (from ``shared.io.load_volume``) and map labels back to its grid.
@@ -204,17 +235,9 @@ def segment_volume(model: ServedModel, image: np.ndarray, meta: dict, overlap: f
         precision: ``"fp32"`` (MONAI's result), ``"bf16"`` or ``"auto"`` (``shared.inferer``).
         device: where the network runs (``"auto"``: CUDA when available); ``None`` keeps its device.
     """
-    from monai.data import MetaTensor
-
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    transform = preprocessing(model.data_config)
-    volume = MetaTensor(
-        torch.from_numpy(image),
-        affine=torch.as_tensor(meta["affine"], dtype=torch.float64),
-        meta={"original_channel_dim": "no_channel"},
-    )
-    prepared = transform({"image": volume})
+    prepared, model_grid = prepare_volume(model.data_config, image, meta["affine"])
     timings["preprocess_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -223,11 +246,10 @@ def segment_volume(model: ServedModel, image: np.ndarray, meta: dict, overlap: f
         InferenceOptions(overlap=overlap, sw_batch_size=sw_batch_size, precision=precision),
         device=None if device is None else resolve_device(device),
     )
-    logits = predictor.logits(prepared["image"])
+    logits = predictor.logits(prepared)
     timings["inference_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    model_grid = np.asarray(prepared["image"].affine, dtype=np.float64)
     # Class probabilities, not labels, go back to the input grid (linear, then argmax there: shared.resample).
     out = probabilities_to_grid(torch.softmax(logits[0], dim=0), model_grid,
                                 np.asarray(meta["affine"], dtype=np.float64), tuple(meta["shape"]))

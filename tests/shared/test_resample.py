@@ -189,3 +189,60 @@ def test_oblique_grids_take_the_general_path(monkeypatch):
     assert resample.aligned_axes(np.linalg.solve(source, target), shape) is None
     probs = np.random.default_rng(4).random((3, 10, 12, 9)).astype(np.float32)
     assert probabilities_to_grid(probs, source, target, shape).shape == shape
+
+
+@pytest.mark.parametrize("grid", ["oblique", "permuted", "ras-1mm"])
+def test_fast_preprocessing_equals_the_monai_chain(grid):
+    """prepare_volume (MONAI's lazy geometry + separable resampling) = Orientationd -> Spacingd -> float32."""
+    from monai.data import MetaTensor
+
+    from server.api.inference import prepare_volume, preprocessing
+    from shared.data import DataConfig
+
+    affine = {"oblique": _oblique_flipped_anisotropic(), "permuted": _permuted_flipped_anisotropic(),
+              "ras-1mm": np.diag([1.0, 1.0, 1.0, 1.0])}[grid]
+    affine[:3, 3] = [-30.0, 12.0, -8.5]
+    shape = (31, 36, 13)
+    image = np.asfortranarray(np.random.default_rng(5).random(shape).astype(np.float32) * 400 - 300)  # as nibabel
+    cfg = DataConfig(spacing=(2.0, 2.0, 2.0), roi_size=(16, 16, 16))
+    volume = MetaTensor(torch.from_numpy(image), affine=torch.as_tensor(affine),
+                        meta={"original_channel_dim": "no_channel"})
+    expected = preprocessing(cfg)({"image": volume})["image"]
+    ours, model_affine = prepare_volume(cfg, image, affine)
+    assert ours.dtype == torch.float32 and ours.shape == expected.shape
+    assert np.array_equal(model_affine, np.asarray(expected.affine, np.float64))
+    assert torch.allclose(ours, expected.as_tensor(), rtol=1e-6, atol=1e-4)  # float32 rounding of ~300
+
+
+def test_segmentation_labels_are_invariant_to_scanner_affines_through_the_fast_paths(monkeypatch):
+    """segment_volume with the fast paths: label agreement 1.0000 under s*x+b on an oblique, flipped,
+    anisotropic input, and the very labels of the MONAI/grid_sample paths on a permuted one."""
+    from server.api import inference
+    from shared import resample
+    from shared.data import DataConfig
+    from shared.model import build_unet
+
+    torch.manual_seed(0)
+    model = inference.ServedModel("t", build_unet(channels=(4, 8), strides=(2,)).eval(), {},
+                                  DataConfig(spacing=(2.0, 2.0, 2.0), roi_size=(16, 16, 16)))
+    affines = ((0.01, -3.0), (4.0, -300.0), (5.0, -1000.0))
+    shape = (30, 36, 12)
+
+    def volume(affine):
+        truth = _ellipsoid_labels(_world(affine, shape)).astype(np.float32)
+        return truth * 50 + np.random.default_rng(6).random(shape).astype(np.float32) * 20, {"affine": affine,
+                                                                                              "shape": shape}
+
+    image, meta = volume(_oblique_flipped_anisotropic())
+    base = inference.segment_volume(model, image, meta).labels
+    assert len(np.unique(base)) > 1
+    for s, b in affines:
+        assert (inference.segment_volume(model, (s * image + b).astype(np.float32), meta).labels == base).mean() == 1.0
+
+    image, meta = volume(_permuted_flipped_anisotropic())
+    fast = [inference.segment_volume(model, (s * image + b).astype(np.float32), meta).labels for s, b in affines]
+    monkeypatch.setattr(inference, "resample_image", lambda *args: None)  # MONAI's Orientationd + Spacingd
+    monkeypatch.setattr(resample, "aligned_axes", lambda *args: None)  # grid_sample back to the input grid
+    general = [inference.segment_volume(model, (s * image + b).astype(np.float32), meta).labels for s, b in affines]
+    for f, g in zip(fast, general):
+        assert (f == g).all()
