@@ -485,7 +485,8 @@ class LocalFederation:
                 start_new_session=True,
                 cwd=self.work_dir,
             )
-            timer = threading.Timer(timeout, lambda: _killpg(proc.pid))
+            timed_out = threading.Event()
+            timer = threading.Timer(timeout, lambda: (timed_out.set(), _killpg(proc.pid)))
             timer.start()
             try:
                 for line in proc.stdout:
@@ -503,8 +504,10 @@ class LocalFederation:
         if run_id is None:
             tail = log_file.read_text(errors="replace")[-1500:]
             raise FederationError(f"flwr run could not start the run (exit code {proc.returncode}):\n{tail}")
-        if proc.returncode and proc.returncode < 0:
+        if timed_out.is_set():
             raise FederationError(f"run {run_id} did not finish within {timeout:.0f}s")
+        # Any other end of the stream (even a killed `flwr run`) leaves the run to the SuperLink: the caller
+        # follows the run log (server.federation.run) instead of calling a running federation failed.
         return run_id
 
     def wait_finished(self, run_id: int, timeout: float = 30) -> str:

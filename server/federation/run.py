@@ -51,6 +51,32 @@ class FederationResult:
         return {s: [r["sites"].get(s, {}).get("eval", {}).get("dice_mean") for r in self.rounds] for s in names}
 
 
+def _end_record(log_path: Path, start_records: int) -> dict | None:
+    records = read_run_log(log_path)[start_records:]
+    return next((r for r in reversed(records) if r.get("event") == "end"), None)
+
+
+def _follow_to_end(federation, run_id: int, log_path: Path, start_records: int, deadline: float, echo,
+                   poll: float = 2.0) -> tuple[dict | None, str]:
+    """Wait for the run's ``end`` record while the SuperLink still reports the run as not finished.
+
+    The ServerApp writes the run log whether or not anyone streams Flower's log, so a dropped
+    stream is not a failed run; a run the SuperLink reports finished without an end record is.
+    """
+    (echo or log.warning)(f"Flower's log stream ended before run {run_id} did; following the run log until it ends")
+    status = federation.run_status(run_id)
+    while time.perf_counter() < deadline:
+        end = _end_record(log_path, start_records)
+        if end is not None:
+            return end, status
+        if status.startswith("finished"):
+            time.sleep(poll)  # the end record is written just before the run is marked finished
+            return _end_record(log_path, start_records), status
+        time.sleep(poll)
+        status = federation.run_status(run_id)
+    return None, f"{status} (gave up after the timeout)"
+
+
 def _last_error(flower_log: Path) -> str:
     """The last exception line Flower streamed (e.g. the ServerApp's), for the error message."""
     try:
@@ -178,8 +204,10 @@ def run_federation(
             run_id = federation.submit(
                 cfg.to_run_config(), timeout=timeout, num_supernodes=len(site_names), log_path=run_dir / "flower.log"
             )
-            records = read_run_log(log_path)[start_records:]
-            end = next((r for r in reversed(records) if r.get("event") == "end"), None)
+            end = _end_record(log_path, start_records)
+            if end is None:  # `flwr run --stream` can end while the run goes on (seen under load): follow it
+                end, status = _follow_to_end(federation, run_id, log_path, start_records,
+                                             deadline=start + timeout, echo=echo)
             if end is None or end.get("status") != "completed":  # ask the SuperLink what happened
                 status = federation.wait_finished(run_id, timeout=15)
     finally:
