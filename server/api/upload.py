@@ -36,6 +36,15 @@ MULTIPART_OVERHEAD = 64 * 1024
 CHUNK = 1024 * 1024
 HEADER_PREFIX = HEADER_BYTES  # NIfTI-1 or -2 header plus the 4 extension bytes
 GZIP_MAGIC = b"\x1f\x8b"
+# Inflating: ISA-L's zlib-compatible decompressor where installed (``isal``, ~2x zlib's speed on a
+# 1 mm brain), else the standard library's; the same stream semantics and gzip format either way.
+try:
+    from isal import isal_zlib as _inflater
+
+    _GZIP_ERRORS: tuple[type[Exception], ...] = (zlib.error, _inflater.error)
+except ImportError:  # optional dependency
+    _inflater = zlib
+    _GZIP_ERRORS = (zlib.error,)
 # ``check_grid(shape, affine)``: the caller's check of the grid a header describes (the work budget).
 GridCheck = Callable[[tuple[int, ...], np.ndarray], object]
 
@@ -154,7 +163,7 @@ def _check(prefix: bytes, max_voxels: int, check_grid: GridCheck | None) -> Chec
 
 def _inflate(fin) -> Iterator[bytes]:
     """Decompressed chunks of a gzip stream (several members allowed), at most ``CHUNK`` each."""
-    decomp = zlib.decompressobj(zlib.MAX_WBITS | 16)
+    decomp = _inflater.decompressobj(zlib.MAX_WBITS | 16)
     pending = b""
     while True:
         buf = decomp.unconsumed_tail or pending or fin.read(CHUNK)
@@ -172,7 +181,7 @@ def _inflate(fin) -> Iterator[bytes]:
                 pending = fin.read(CHUNK)
             if not pending:
                 return
-            decomp = zlib.decompressobj(zlib.MAX_WBITS | 16)
+            decomp = _inflater.decompressobj(zlib.MAX_WBITS | 16)
 
 
 def _gunzip(src: Path, dest: Path, validate: Callable[[bytes], CheckedHeader]) -> CheckedHeader:
@@ -189,7 +198,7 @@ def _gunzip(src: Path, dest: Path, validate: Callable[[bytes], CheckedHeader]) -
                 if checked is not None and written > checked.data_bytes + CHUNK:
                     raise InvalidVolumeError(f"{SOURCE}: decompresses to more data than its NIfTI header describes")
                 fout.write(data)
-        except zlib.error:
+        except _GZIP_ERRORS:
             raise InvalidVolumeError(f"{SOURCE}: corrupt gzip data (not a valid .nii.gz)") from None
     return checked if checked is not None else validate(prefix)
 
@@ -207,7 +216,7 @@ def _head(raw: Path) -> bytes:
                 head += data[: HEADER_PREFIX - len(head)]
                 if len(head) >= HEADER_PREFIX:
                     break
-        except zlib.error:
+        except _GZIP_ERRORS:
             raise InvalidVolumeError(f"{SOURCE}: corrupt gzip data (not a valid .nii.gz)") from None
         except InvalidVolumeError:  # ends early: the whole stream is read (and refused) later
             pass
