@@ -168,7 +168,10 @@ def call(kind: str, content, context, idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     that worker so far) and ``started`` (1 if this call started it). An exception the task raised is
     raised here as it was; :class:`WorkerUnavailable` when the worker could not do the work.
     """
-    conn, started = _connect_or_start(context.node_config, idle_timeout)
+    try:
+        conn, started = _connect_or_start(context.node_config, idle_timeout)
+    except OSError as exc:  # e.g. a read-only worker folder
+        raise WorkerUnavailable(f"cannot reach or start the worker: {exc}") from None
     request = {
         "protocol": PROTOCOL,
         "kind": kind,
@@ -185,6 +188,8 @@ def call(kind: str, content, context, idle_timeout: float = DEFAULT_IDLE_TIMEOUT
         reply = conn.recv()
     except (OSError, EOFError) as exc:
         raise WorkerUnavailable(f"the worker died before it answered ({type(exc).__name__})") from None
+    except Exception as exc:  # a message or reply that does not pickle: the work can still be done here
+        raise WorkerUnavailable(f"the message could not be handed over: {type(exc).__name__}: {exc}") from None
     finally:
         conn.close()
     if not reply.get("ok"):
