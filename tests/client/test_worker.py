@@ -188,3 +188,17 @@ def test_the_worker_exits_when_idle_and_when_its_socket_is_removed(tiny_data_dir
     assert _alive(pid)
     worker.socket_path(context.node_config).unlink()
     assert _gone(pid, timeout=30)
+
+
+def test_the_thin_clientapp_imports_neither_torch_nor_monai_nor_the_task():
+    """A deployment starts a fresh ClientApp process per message: its module must stay cheap to import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, client.app; heavy = [m for m in ('torch', 'monai', 'client.task', 'shared.training',"
+        " 'shared.runconfig') if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
