@@ -327,18 +327,25 @@ def train_on_sites(
     on_epoch=None,
     lr_schedule: str = "constant",
     device: str | torch.device = "cpu",
+    max_steps: int | None = None,
+    class_weights=DEFAULT_CLASS_WEIGHTS,
 ) -> list[dict]:
     """Centralised training on the pooled training cases of ``sites`` (one site: local-only).
 
     ``on_epoch(epoch, stats)`` is called after every epoch; returns the per-epoch stats.
     ``lr_schedule`` decays the learning rate over all ``epochs`` (:func:`scheduled_lr`).
+    ``max_steps`` caps the optimiser steps of the whole run (it ends inside an epoch if needed;
+    the schedule then spans ``max_steps``): how the ablation matches a federation's step budget.
     """
     torch.manual_seed(seed)
     cases = [c for s in sites for c in s.train]
     loader = make_train_loader(cases, data_cfg, seed=seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    history = []
+    total = epochs * len(loader) if not max_steps else min(max_steps, epochs * len(loader))
+    history, done = [], 0
     for epoch in range(1, epochs + 1):
+        if done >= total:
+            break
         stats = train_epochs(
             model,
             loader,
@@ -347,9 +354,12 @@ def train_on_sites(
             optimizer=optimizer,
             lr_schedule=lr_schedule,
             device=device,
-            step_offset=(epoch - 1) * len(loader),
-            total_steps=epochs * len(loader),
+            max_steps=total - done,
+            step_offset=done,
+            total_steps=total,
+            class_weights=class_weights,
         )
+        done += int(stats["steps"])
         stats["epoch"] = epoch
         history.append(stats)
         if on_epoch is not None:

@@ -34,9 +34,16 @@ def _budget(results: dict) -> str:
     """The shared training budget and sizes, from the base run config recorded with the results."""
     run = results["config"]["run"]
     seeds = results["config"].get("seeds") or [run["seed"]]
+    steps = run.get("max-steps") or 0
+    work = (
+        f"{run['num-server-rounds']} rounds x {steps} optimiser steps per site (centralised: the same steps per "
+        f"site, pooled: all sites' steps)"
+        if steps
+        else f"{run['num-server-rounds']} rounds x {run['local-epochs']} local epochs (centralised: "
+        f"{results['budget_epochs']} epochs)"
+    )
     return (
-        f"{run['num-server-rounds']} rounds x {run['local-epochs']} local epochs (centralised: "
-        f"{results['budget_epochs']} epochs), spacing {run['spacing']} mm, crops {run['roi-size']}, "
+        f"{work}, spacing {run['spacing']} mm, crops {run['roi-size']}, "
         f"channels {run['channels']}, lr {run['lr']}, seeds {','.join(str(s) for s in seeds)}"
     )
 
