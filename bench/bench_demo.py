@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+START, END = "<!-- demo:start -->", "<!-- demo:end -->"  # README block regenerated from demo.md
 GOALS = {"demo_seconds": 600.0, "tissue_dice_min": 0.90, "lesion_dice": 0.5}
 
 
@@ -124,11 +126,25 @@ def goals(result: dict) -> dict:
     }
 
 
+def update_readme(markdown: str, path: Path = README) -> bool:
+    """Replace the README's demo block (between START and END) with ``markdown`` minus its title."""
+    text = path.read_text()
+    if START not in text or END not in text:
+        return False
+    head, rest = text.split(START, 1)
+    body = markdown.split("\n", 2)[2] if markdown.startswith("# ") else markdown
+    path.write_text(f"{head}{START}\n{body.strip()}\n{END}{rest.split(END, 1)[1]}")
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "bench" / "results"), help="writes demo.json and demo.md here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data and runs folders")
+    parser.add_argument("--readme-only", action="store_true", help="only rewrite the README block from demo.md")
     args = parser.parse_args()
+    if args.readme_only:
+        return 0 if update_readme((Path(args.out) / "demo.md").read_text()) else 1
     work = Path(tempfile.mkdtemp(prefix="fedmri-demo-"))
     env = {**os.environ, "FEDMRI_DATA": str(work / "data"), "FEDMRI_RUNS": str(work / "runs"), "FEDMRI_SERVE": "0"}
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -172,6 +188,7 @@ def main() -> int:
     (out / "demo.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "demo.md").write_text(render(result))
     print(render(result))
+    update_readme(render(result))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0
