@@ -210,7 +210,7 @@ def round_trip(
     series_uid: str | None = None,
     max_voxels: int = 512**3,
     overlap: float = 0.25,
-    sw_batch_size: int = 2,
+    sw_batch_size: int | None = None,
 ) -> PacsResult:
     """Fetch one MR series of ``study_uid``, segment it with ``model`` and store the SEG in the same study.
 

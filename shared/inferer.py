@@ -11,6 +11,10 @@ gaussian blending, replicate padding so no zero enters before the first instance
   is O(1)); ``"auto"`` picks bf16 where the processor has native bf16 (AVX512-BF16/AMX, or a
   CUDA device that supports it), else float32;
 * ``channels_last=True``: weights and windows in ``channels_last_3d`` (oneDNN's blocked layout);
+* ``sw_batch_size=None`` (the default): as many windows per forward pass as fit
+  ``WINDOW_PASS_VOXELS``, spread evenly over the passes. Instance norm is per window, so batching
+  changes nothing but oneDNN's call count: for the demo model (twelve 64^3 windows) one pass of
+  12 instead of six of 2 takes half the CPU time, labels identical;
 * ``window``: windows larger than the training crop (instance norm is per window, so a window is
   never smaller than the crop the network was trained on); fewer windows, less overlap work.
 
@@ -40,9 +44,12 @@ __all__ = [
     "network_flops",
     "resolve_device",
     "window_plan",
+    "windows_per_pass",
 ]
 
 PRECISIONS = ("fp32", "bf16", "auto")
+# Voxels of windows run through the network in one forward pass when ``sw_batch_size`` is None.
+WINDOW_PASS_VOXELS = 12 * 64**3
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
@@ -88,7 +95,7 @@ class InferenceOptions:
 
     Args:
         overlap: window overlap (MONAI's ``overlap``).
-        sw_batch_size: windows per forward pass.
+        sw_batch_size: windows per forward pass; ``None``: :func:`windows_per_pass`.
         mode: blending, ``"gaussian"`` (training's evaluation) or ``"constant"``.
         precision: ``"fp32"``, ``"bf16"`` (body in bf16, first convolution in float32) or ``"auto"``.
         channels_last: run the network in ``channels_last_3d``.
@@ -96,7 +103,7 @@ class InferenceOptions:
     """
 
     overlap: float = 0.25
-    sw_batch_size: int = 2
+    sw_batch_size: int | None = None
     mode: str = "gaussian"
     precision: str = "fp32"
     channels_last: bool = False
@@ -107,7 +114,7 @@ class InferenceOptions:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 0 <= self.overlap < 1:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
-        if self.sw_batch_size < 1:
+        if self.sw_batch_size is not None and self.sw_batch_size < 1:
             raise ValueError(f"sw_batch_size must be >= 1, got {self.sw_batch_size}")
         if self.mode not in ("gaussian", "constant"):
             raise ValueError(f"mode must be 'gaussian' or 'constant', got {self.mode!r}")
@@ -151,6 +158,16 @@ def window_plan(image_shape, window, overlap: float = 0.25) -> WindowPlan:
     interval = _get_scan_interval(padded, win, len(win), (float(overlap),) * len(win))
     n = len(dense_patch_slices(padded, win, interval))
     return WindowPlan(shape, win, n, n * math.prod(win), math.prod(padded))
+
+
+def windows_per_pass(n_windows: int, window) -> int:
+    """Windows per forward pass: at most ``WINDOW_PASS_VOXELS`` voxels (at least one window), the
+    ``n_windows`` spread evenly over the passes (12 windows of 64^3: one pass of 12; 27 windows of
+    96^3: nine passes of 3; 13 windows of 64^3: two passes of 7, not 12 + 1)."""
+    most = max(1, WINDOW_PASS_VOXELS // math.prod(int(w) for w in window))
+    n = max(1, int(n_windows))
+    passes = math.ceil(n / most)
+    return math.ceil(n / passes)
 
 
 def covering_window(image_shape, roi_size, multiple: int = 8) -> tuple[int, ...]:
@@ -288,11 +305,12 @@ class SlidingWindowPredictor:
 
         x = image if image.ndim == 5 else image.unsqueeze(0)
         x = torch.as_tensor(x).to(device=self.device, dtype=torch.float32)
+        batch = self.options.sw_batch_size or windows_per_pass(self.plan(x.shape[2:]).windows, self.window)
         with torch.inference_mode():
             out = sliding_window_inference(
                 x,
                 roi_size=self.window,
-                sw_batch_size=self.options.sw_batch_size,
+                sw_batch_size=batch,
                 predictor=self._predictor,
                 overlap=self.options.overlap,
                 mode=self.options.mode,

@@ -33,7 +33,8 @@ class ApiSettings(BaseSettings):
         upload_dir: folder for the per-request temporary files (default: the system's).
         model_cache_size: model versions kept in memory at once.
         sw_overlap: overlap of the sliding windows.
-        sw_batch_size: windows per forward pass.
+        sw_batch_size: windows per forward pass (default: as many as ``shared.inferer.WINDOW_PASS_VOXELS``
+            allows, spread evenly; identical labels, fewer oneDNN calls).
         inference_precision: ``fp32`` (MONAI's result), ``bf16`` (first conv float32) or ``auto``
             (bf16 where the processor has it natively); see ``shared.inferer``.
         device: where the network runs: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``.
@@ -57,7 +58,7 @@ class ApiSettings(BaseSettings):
     upload_dir: Path | None = None
     model_cache_size: int = Field(default=4, ge=1)
     sw_overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
-    sw_batch_size: int = Field(default=2, ge=1)
+    sw_batch_size: int | None = Field(default=None, ge=1)
     inference_precision: str = Field(default="fp32", pattern=r"^(fp32|bf16|auto)$")
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 

@@ -222,8 +222,9 @@ def prepare_volume(data_config: DataConfig, image: np.ndarray, affine: np.ndarra
     return prepared.as_tensor(), np.asarray(prepared.affine, dtype=np.float64)
 
 
-def segment_volume(model: ServedModel, image: np.ndarray, meta: dict, overlap: float = 0.25, sw_batch_size: int = 2,
-                   precision: str = "fp32", device: str | None = None) -> Segmentation:
+def segment_volume(model: ServedModel, image: np.ndarray, meta: dict, overlap: float = 0.25,
+                   sw_batch_size: int | None = None, precision: str = "fp32",
+                   device: str | None = None) -> Segmentation:
     """Segment a validated 3-D ``image`` (from ``shared.io.load_volume``) and map labels back to its grid.
 
     Args:
@@ -231,7 +232,7 @@ def segment_volume(model: ServedModel, image: np.ndarray, meta: dict, overlap: f
         image: ``(X, Y, Z)`` float array on the input grid.
         meta: ``load_volume`` metadata; its ``affine`` defines the input grid.
         overlap: sliding-window overlap.
-        sw_batch_size: windows per forward pass.
+        sw_batch_size: windows per forward pass (``None``: ``shared.inferer.windows_per_pass``).
         precision: ``"fp32"`` (MONAI's result), ``"bf16"`` or ``"auto"`` (``shared.inferer``).
         device: where the network runs (``"auto"``: CUDA when available); ``None`` keeps its device.
     """

@@ -128,3 +128,28 @@ def test_device_is_one_run_config_key_and_an_api_setting():
     with pytest.raises(ValueError, match="device"):
         RunConfig.from_run_config({"device": "tpu"})
     assert ApiSettings().inference_precision == "fp32"
+
+
+def test_windows_per_pass_fills_the_budget_evenly():
+    from shared.inferer import WINDOW_PASS_VOXELS, windows_per_pass
+
+    assert WINDOW_PASS_VOXELS == 12 * 64**3
+    assert windows_per_pass(12, (64, 64, 64)) == 12
+    assert windows_per_pass(13, (64, 64, 64)) == 7
+    assert windows_per_pass(27, (96, 96, 96)) == 3
+    assert windows_per_pass(1, (64, 64, 64)) == 1
+    assert windows_per_pass(5, (512, 512, 512)) == 1  # one window over the budget still runs
+
+
+def test_automatic_windows_per_pass_gives_the_labels_of_two_per_pass():
+    """Instance norm is per window: batching more windows per forward changes no label."""
+    from shared.inferer import InferenceOptions, SlidingWindowPredictor
+    from shared.model import build_unet
+
+    torch.manual_seed(0)
+    net = build_unet(channels=(4, 8), strides=(2,)).eval()
+    image = torch.rand(1, 40, 44, 36) * 300 - 100
+    two = SlidingWindowPredictor(net, (16, 16, 16), InferenceOptions(sw_batch_size=2)).logits(image)
+    auto = SlidingWindowPredictor(net, (16, 16, 16), InferenceOptions()).logits(image)
+    assert (two.argmax(1) == auto.argmax(1)).all()
+    assert torch.allclose(two, auto, atol=1e-4)
