@@ -133,10 +133,10 @@ def test_device_is_one_run_config_key_and_an_api_setting():
 def test_windows_per_pass_fills_the_budget_evenly():
     from shared.inferer import WINDOW_PASS_VOXELS, windows_per_pass
 
-    assert WINDOW_PASS_VOXELS == 12 * 64**3
+    assert WINDOW_PASS_VOXELS == 16 * 64**3
     assert windows_per_pass(12, (64, 64, 64)) == 12
-    assert windows_per_pass(13, (64, 64, 64)) == 7
-    assert windows_per_pass(27, (96, 96, 96)) == 3
+    assert windows_per_pass(17, (64, 64, 64)) == 9
+    assert windows_per_pass(27, (96, 96, 96)) == 4
     assert windows_per_pass(1, (64, 64, 64)) == 1
     assert windows_per_pass(5, (512, 512, 512)) == 1  # one window over the budget still runs
 
