@@ -342,7 +342,7 @@ def read_ood(registry: str | Path, version: str) -> dict | None:
 
 
 def site_reference_from_dir(site_dir: str | Path, split: str = "train", **kwargs) -> dict:
-    """:func:`site_reference` of a site folder's images (what ``client/app.py`` computes at its site)."""
+    """:func:`site_reference` of a site folder's images (what ``client/task.py`` computes at its site)."""
     from shared.data import find_cases
     from shared.io import load_volume
 

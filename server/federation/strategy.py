@@ -32,7 +32,7 @@ __all__ = [
     "resolve_eval_with_train",
 ]
 
-# Train replies carry the site's aggregate intensity summary under this record (client/app.py).
+# Train replies carry the site's aggregate intensity summary under this record (client/task.py).
 OOD_RECORD = "ood-reference"
 # Train replies carry the evaluation of the model they were sent (eval-with-train) under this prefix.
 EARLY_EVAL_PREFIX = "eval/"
