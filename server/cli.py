@@ -11,7 +11,9 @@ import warnings
 from shared.errors import InvalidSiteError, InvalidVolumeError
 
 # name -> module under server.commands; each module defines HELP, add_arguments(parser), run(args).
-COMMANDS = ("generate", "train", "federate", "serve", "report", "ablation", "pacs", "ood")
+COMMANDS = (
+    "generate", "train", "federate", "serve", "report", "ablation", "pacs", "ood", "supernode", "superexec"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=module.HELP, description=module.HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter
         )
         module.add_arguments(cmd)
-        cmd.set_defaults(_run=module.run)
+        # PASS_THROUGH commands wrap a Flower executable and hand it every argument they do not know.
+        cmd.set_defaults(_run=module.run, _pass_through=getattr(module, "PASS_THROUGH", False))
     return parser
 
 
@@ -44,7 +47,11 @@ def quiet_gpu_probes() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not args._pass_through:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.flower_args = extra
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

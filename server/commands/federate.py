@@ -45,6 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="native mode: SuperNode authentication with DIR/<site> keys from "
         "deploy/gen-node-keys.sh (needs --tls-dir)",
     )
+    parser.add_argument(
+        "--supernode",
+        choices=("fedmri", "flower"),
+        default="fedmri",
+        help="native mode: fedmri (Flower's SuperNode with a short poll and forked ClientApps, as `fedmri "
+        "supernode`) or flower (stock flower-supernode)",
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="give up on the run after this many seconds")
     parser.add_argument(
         "--set",
@@ -132,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
             on_record=print_record,
             tls_dir=args.tls_dir,
             auth_keys_dir=args.auth_keys_dir,
+            supernode=args.supernode,
             echo=(lambda line: print(f"  | {line}", flush=True)) if args.flower_log else None,
         )
     except FederationError as exc:

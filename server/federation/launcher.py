@@ -45,6 +45,7 @@ FLOWER_ENV = {
 # ~0.9 s off every message for one small local request per poll (bench/results/native.md).
 SUPERNODE_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 CONNECTION = "fedmri"
+SUPERNODE_RUNNERS = ("fedmri", "flower")
 _RESERVED_PORTS = {8000, 8080}  # SuperLink's and the API's defaults
 
 
@@ -93,7 +94,7 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
 
 
 def superlink_command(
-    state_dir: str,
+    database: str = ":flwr-in-memory:",
     host: str = "127.0.0.1",
     port: int = 9093,
     simulation: bool = False,
@@ -104,12 +105,15 @@ def superlink_command(
     """``flower-superlink`` flags (Flower 1.41: one port serves the Fleet, Control and ServerAppIo APIs).
 
     ``isolation="process"`` leaves the ServerApp to a separate ``flower-superexec`` (docker-compose).
+    ``database``: Flower's in-memory state by default; its SQLite file (a path) costs the SuperLink ~20 s of
+    SQL per 4-round native run on 2 cores and hit "database is locked" under load (fedmri keeps its own
+    run log and checkpoints, so nothing needs the SuperLink's state after a run).
     """
     cmd = [
         "flower-superlink",
         "--disable-runtime-dependency-installation",
         "--database",
-        f"{state_dir}/state.db",
+        database,
         "--host",
         host,
         "--port",
@@ -146,8 +150,13 @@ def supernode_command(
     host: str | None = None,
     cpus: int | None = None,
     cache_dir: str | None = None,
+    runner: str = "fedmri",
 ) -> list[str]:
     """``flower-supernode`` for one site; its data folder travels in ``--node-config``.
+
+    ``runner="fedmri"`` runs it as ``fedmri supernode`` does (``shared/supernode.py``: Flower's SuperNode
+    with a 0.2 s poll instead of its fixed 3 s idle sleep, ClientApps forked from a warm process);
+    ``"flower"`` runs the stock ``flower-supernode``.
 
     ``port``/``host`` are the SuperNode's own runtime API (a separate ``flower-superexec`` connects
     there when ``isolation="process"``). ``cpus``: the site's CPU budget (its ClientApp's torch
@@ -156,11 +165,11 @@ def supernode_command(
     node_config = f'site="{site}" data-dir="{data_dir}"'
     node_config += f" cpus={int(cpus)}" if cpus else ""
     node_config += f' cache-dir="{cache_dir}"' if cache_dir else ""
-    cmd = ["flower-supernode", "--superlink", superlink, "--port", str(port), "--node-config", node_config]
-    if ca_cert:
-        cmd[1:1] = ["--root-certificates", ca_cert]
-    else:
-        cmd.insert(1, "--insecure")
+    if runner not in SUPERNODE_RUNNERS:
+        raise ValueError(f"supernode runner must be one of {SUPERNODE_RUNNERS}, got {runner!r}")
+    cmd = ["--superlink", superlink, "--port", str(port), "--node-config", node_config]
+    cmd[:0] = ["--root-certificates", ca_cert] if ca_cert else ["--insecure"]
+    cmd[:0] = ["fedmri", "supernode"] if runner == "fedmri" else ["flower-supernode"]
     if auth_key:
         cmd += ["--auth-supernode-private-key", auth_key]
     if host:
@@ -170,9 +179,16 @@ def supernode_command(
     return cmd
 
 
-def superexec_command(runtime_api: str, ca_cert: str | None = None) -> list[str]:
-    """``flower-superexec``: runs ServerApp or ClientApp processes for the SuperLink/SuperNode at ``runtime_api``."""
-    cmd = ["flower-superexec", "--runtime-api-address", runtime_api]
+def superexec_command(runtime_api: str, ca_cert: str | None = None, runner: str = "flower") -> list[str]:
+    """``flower-superexec``: runs ServerApp or ClientApp processes for the SuperLink/SuperNode at ``runtime_api``.
+
+    ``runner="fedmri"``: ``fedmri superexec`` (``shared/superexec.py``), which forks each ClientApp from a warm
+    process instead of starting a fresh interpreter per message (a site's SuperExec, e.g. compose's clientapp-*).
+    """
+    if runner not in SUPERNODE_RUNNERS:
+        raise ValueError(f"superexec runner must be one of {SUPERNODE_RUNNERS}, got {runner!r}")
+    cmd = ["fedmri", "superexec"] if runner == "fedmri" else ["flower-superexec"]
+    cmd += ["--runtime-api-address", runtime_api]
     return cmd + (["--root-certificates", ca_cert] if ca_cert else ["--insecure"])
 
 
@@ -228,6 +244,8 @@ class LocalFederation:
         echo: called with every line ``flwr run --stream`` prints.
         tls_dir: folder with ``ca.crt``, ``server.pem``, ``server.key`` (``deploy/gen-certs.sh``):
             TLS between SuperLink, SuperNodes and ``flwr``.
+        supernode: ``"fedmri"`` (default: ``fedmri supernode``, Flower's SuperNode tuned for short rounds)
+            or ``"flower"`` (stock ``flower-supernode``); see :func:`supernode_command`.
         auth_keys_dir: folder with ``<site>`` / ``<site>.pub`` key pairs (``deploy/gen-node-keys.sh``):
             SuperNode authentication; each site's public key is registered before it connects.
     """
@@ -241,7 +259,11 @@ class LocalFederation:
         echo: Callable[[str], None] | None = None,
         tls_dir: str | Path | None = None,
         auth_keys_dir: str | Path | None = None,
+        supernode: str = "fedmri",
     ) -> None:
+        if supernode not in SUPERNODE_RUNNERS:
+            raise ValueError(f"supernode must be one of {SUPERNODE_RUNNERS}, got {supernode!r}")
+        self.supernode_runner = supernode
         self.work_dir = Path(work_dir).resolve()
         self.sites = {name: Path(path).resolve() for name, path in (sites or {}).items()}
         self.simulation = simulation
@@ -286,10 +308,7 @@ class LocalFederation:
         else:
             port = free_port()
             self.address = f"127.0.0.1:{port}"
-            state = self.work_dir / "superlink"
-            state.mkdir(exist_ok=True)
             cmd = superlink_command(
-                str(state),
                 port=port,
                 simulation=self.simulation,
                 tls_dir=str(self.tls_dir) if self.tls_dir else None,
@@ -335,7 +354,8 @@ class LocalFederation:
         # The sites share this machine: each ClientApp gets an equal share of its cores as torch threads.
         cpus = max(1, (os.cpu_count() or 1) // max(1, len(self.sites)))
         cmd = supernode_command(
-            self.address, free_port(), site, str(data_dir), ca_cert=self.ca_cert, auth_key=key, cpus=cpus
+            self.address, free_port(), site, str(data_dir), ca_cert=self.ca_cert, auth_key=key, cpus=cpus,
+            runner=self.supernode_runner,
         )
         self.supernodes[site] = _Proc(
             f"supernode-{site}", cmd, {**self.env, **SUPERNODE_ENV}, self.work_dir / f"supernode-{site}.log"

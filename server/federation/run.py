@@ -118,6 +118,7 @@ def run_federation(
     on_start: Callable[[LocalFederation], None] | None = None,
     tls_dir: str | Path | None = None,
     auth_keys_dir: str | Path | None = None,
+    supernode: str = "fedmri",
 ) -> FederationResult:
     """Train one model across the sites under ``data_dir`` with Flower; see the module docstring.
 
@@ -141,6 +142,8 @@ def run_federation(
             the SuperLink serves TLS and SuperNodes / ``flwr`` verify it (with ``superlink``: ca.crt only).
         auth_keys_dir: native mode: ``<site>`` key pairs from ``deploy/gen-node-keys.sh``; enables
             SuperNode authentication (needs ``tls_dir``).
+        supernode: native mode: ``"fedmri"`` (``fedmri supernode``: short poll, forked ClientApps) or
+            ``"flower"`` (stock ``flower-supernode``, one fresh ClientApp interpreter per message).
 
     Raises:
         ValueError: a bad run-config value or mode (names the key).
@@ -196,6 +199,7 @@ def run_federation(
             echo=echo,
             tls_dir=tls_dir,
             auth_keys_dir=auth_keys_dir,
+            supernode=supernode,
         )
     try:
         with federation:

@@ -71,15 +71,9 @@ def test_services_one_supernode_and_clientapp_per_demo_site(compose):
     assert set(compose["services"]) == FLOWER_SERVICES | {"data", "federate", "report", "api"}
 
 
-def in_memory(cmd: list[str]) -> list[str]:
-    """The launcher's SuperLink command with Flower's in-memory state instead of its SQLite file."""
-    i = cmd.index("--database")
-    return cmd[: i + 1] + [":flwr-in-memory:"] + cmd[i + 2 :]
-
-
 def test_superlink_and_serverapp_match_the_native_launcher(compose):
     link = compose["services"]["superlink"]
-    assert link["command"] == in_memory(superlink_command("/state", host="0.0.0.0", port=9093, isolation="process"))
+    assert link["command"] == superlink_command(host="0.0.0.0", port=9093, isolation="process")
     assert not link.get("ports") and not link.get("volumes")  # the submitter runs inside the network
     assert "9093" in " ".join(link["healthcheck"]["test"])
     serverapp = compose["services"]["serverapp"]
@@ -97,7 +91,7 @@ def test_each_site_has_its_own_data_volume_and_node_config(compose, site):
     volume = f"{site}-data:/data/{site}:ro"
     assert node["volumes"] == [volume]
     clientapp = compose["services"][f"clientapp-{site}"]
-    assert clientapp["command"] == superexec_command(f"supernode-{site}:9094")
+    assert clientapp["command"] == superexec_command(f"supernode-{site}:9094", runner="fedmri")
     assert clientapp["volumes"] == [volume]  # the ClientApp runs here and reads only its own site
     # ... and keeps its site cache in a writable tmpfs (its warm worker in the container's /tmp); SuperExec polls as
     # the native launcher makes it poll
@@ -215,10 +209,8 @@ def test_build_context_leaves_out_the_venv_data_and_runs():
 @pytest.mark.parametrize("site", SITES)
 def test_tls_override_adds_certificates_and_node_keys(tls_override, site):
     services = tls_override["services"]
-    assert services["superlink"]["command"] == in_memory(
-        superlink_command(
-            "/state", host="0.0.0.0", port=9093, tls_dir="/certs", supernode_auth=True, isolation="process"
-        )
+    assert services["superlink"]["command"] == superlink_command(
+        host="0.0.0.0", port=9093, tls_dir="/certs", supernode_auth=True, isolation="process"
     )
     assert services["serverapp"]["command"] == superexec_command("superlink:9093", ca_cert="/certs/ca.crt")
     node = services[f"supernode-{site}"]

@@ -1,4 +1,4 @@
-"""Native deployment: real flower-superlink and one flower-supernode per site on 127.0.0.1.
+"""Native deployment: real flower-superlink and one SuperNode (``fedmri supernode``) per site on 127.0.0.1.
 
 One run serves these tests: it must complete, and killing one SuperNode (SIGKILL, a crash)
 after round 1 must leave a run that finishes with the other sites and names the missing one.
@@ -68,9 +68,13 @@ def test_native_deployment_runs_real_processes_and_completes(native_run):
     assert seen["procs"]["superlink"][1][0] == "flower-superlink"
     for site in SITES:
         pid, cmd = seen["procs"][site]
-        assert cmd[0] == "flower-supernode" and f'site="{site}"' in cmd[cmd.index("--node-config") + 1]
+        assert cmd[:2] == ["fedmri", "supernode"] and f'site="{site}"' in cmd[cmd.index("--node-config") + 1]
     first = round_records(result.log_path)[0]
     assert first["participants"] == SITES  # every SuperNode trained in round 1
+    # Flower's SuperNode ran with fedmri's tunings, and its ClientApps were forked by shared.superexec
+    log = (seen["federation"].work_dir / "supernode-site-a.log").read_text()
+    assert "poll-interval=0.2s" in log and "fork-server ClientApps" in log
+    assert first["sites"]["site-a"]["train"]["time_process_start"] > 0
     assert result.version == "native-r2" and served_version(result.registry) == "native-r2"
     assert read_meta(result.registry, "native-r1")["sites"] == SITES
 
