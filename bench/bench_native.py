@@ -7,8 +7,10 @@ pays the cache build as a first deployment does. Per round: the ServerApp's roun
 run log. Per native message (site x round): the ClientApp's own marks (``client/timing.py``) and
 the ServerApp's send/arrival times (``server/federation/polling.py``), split into
 
-    dispatch     sent -> ClientApp process started (SuperNode's 3 s pull loop, SuperExec poll, spawn)
-    startup      process start -> client.app begins importing (interpreter, flwr-clientapp, FAB)
+    dispatch     sent -> ClientApp process started (SuperNode's pull loop: 0.2 s in fedmri supernode, 3 s
+                 idle in Flower's; SuperExec poll; fork from the warm zygote, shared/superexec.py)
+    startup      process start -> client.app begins importing (flwr-clientapp pulls the message, waiting
+                 while its SuperNode downloads the model, and unpacks the FAB)
     import       client.app's own imports (thin: flwr, client.worker; torch/MONAI/shared only in the
                  process that does the work: the worker, or the ClientApp itself with warm-worker=false)
     flower_in    imports done -> handler entered (message and context pulled from the SuperNode)
@@ -189,8 +191,8 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|",
     ]
     what = {
-        "dispatch": "sent -> ClientApp process started (SuperNode's 3 s pull loop, SuperExec poll, spawn)",
-        "startup": "interpreter + flwr-clientapp until client.app imports",
+        "dispatch": "sent -> ClientApp process started (SuperNode poll 0.2 s, SuperExec poll, fork)",
+        "startup": "process start -> client.app imports (message pulled while the SuperNode downloads it, FAB)",
         "import": "client.app imports (thin: flwr, client.worker; the work's imports: worker or fallback)",
         "handoff": "thin ClientApp -> site worker -> back (connect or start the worker, send, receive)",
         "flower_in": "message + context pulled by Flower before the handler",

@@ -152,3 +152,30 @@ def test_cli_progress_prints_each_site_and_what_went_wrong(capsys):
     assert "site-a" in out and "loss 0.812" in out and "mean 0.550" in out and "lesion   -  " in out
     assert "site-b update rejected (train): w: contains NaN or Inf" in out
     assert "site-c no reply (train)" in out and "missing this round: site-c" in out
+
+
+def test_the_fab_holds_only_the_apps_code_and_builds_without_the_rest_of_the_checkout(tmp_path):
+    """Sites unpack the FAB for every message; the compose image has no bench/, tests/ or .gitignore."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    flwr = Path(sys.executable).with_name("flwr")
+    for name, src in (("checkout", root), ("image", tmp_path / "image")):
+        if name == "image":
+            src.mkdir()
+            shutil.copy(root / "pyproject.toml", src)
+            for pkg in ("server", "client", "shared"):
+                shutil.copytree(root / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+        out = tmp_path / f"fab-{name}"
+        out.mkdir()
+        res = subprocess.run([str(flwr), "build", "--app", str(src)], cwd=out, capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        (fab,) = out.glob("*.fab")
+        names = zipfile.ZipFile(fab).namelist()
+        assert "client/app.py" in names and "server/app.py" in names and "shared/model.py" in names
+        assert not [n for n in names if n.split("/")[0] in ("bench", "tests", "deploy") or n.endswith(".md")]
