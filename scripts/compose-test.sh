@@ -199,7 +199,9 @@ finish_pass() {
     code=$(docker inspect -f '{{.State.ExitCode}}' "$(cid "$s")")
     [ "$code" = 0 ] || fail "$PROJECT: $s exited with $code"
   done
-  compose logs --no-color federate | grep -q "done: $MODEL (served)" || fail "$PROJECT: federate did not serve $MODEL"
+  # to a file first: `grep -q` stops reading at the match, and with pipefail the writer's SIGPIPE failed the check
+  compose logs --no-color federate > "$WORK/federate.log"
+  grep -q "done: $MODEL (served)" "$WORK/federate.log" || fail "$PROJECT: federate did not serve $MODEL"
 }
 
 # ---- 3. pass 1: plain compose, the whole chain from one `up` ----------------------------------------
@@ -273,7 +275,8 @@ done
 [ -n "$killed" ] || fail "the run ended before round 1 was seen"
 finish_pass
 P2=$READY_S
-compose logs --no-color register | grep -q "registered /keys/${SITES[0]}.pub" || fail "node keys not registered"
+compose logs --no-color register > "$WORK/register.log"
+grep -q "registered /keys/${SITES[0]}.pub" "$WORK/register.log" || fail "node keys not registered"
 compose logs --no-color superlink >> "$LOG" 2>&1 || true
 compose logs --no-color federate | grep -E "missing this round: .*$VICTIM|! $VICTIM (failed|no reply)" >> "$LOG" \
   || fail "$VICTIM not recorded missing or failed after the kill"
