@@ -26,6 +26,7 @@ import traceback
 
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+from flwr.supercore.superexec.executor.types import LaunchResult
 
 __all__ = ["ForkServerExecutor", "main", "zygote"]
 
@@ -61,16 +62,22 @@ class ForkServerExecutor(SubprocessExecutor):
         if spec.runtime_dependency_install:
             argv.append("--allow-runtime-dependency-installation")
         with self._lock:
-            for _ in range(2):  # a zygote that died is restarted once, then Flower's way
-                if self._zygote is not None and self._zygote.poll() is None:
-                    try:
-                        self._zygote.stdin.write(json.dumps(argv) + "\n")
-                        self._zygote.stdin.flush()
-                        return _accepted()
-                    except (BrokenPipeError, OSError):
-                        pass
-                self._start_zygote()
+            if self._send(argv):
+                return LaunchResult.accepted()
+            self._start_zygote()  # a zygote that died is restarted once, then Flower's way
+            if self._send(argv):
+                return LaunchResult.accepted()
         return super().launch(spec)
+
+    def _send(self, argv: list[str]) -> bool:
+        if self._zygote is None or self._zygote.poll() is not None:
+            return False
+        try:
+            self._zygote.stdin.write(json.dumps(argv) + "\n")
+            self._zygote.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError):
+            return False
 
     def close(self) -> None:
         with self._lock:
@@ -81,12 +88,6 @@ class ForkServerExecutor(SubprocessExecutor):
                 except subprocess.TimeoutExpired:
                     self._zygote.kill()
             self._zygote = None
-
-
-def _accepted():
-    from flwr.supercore.superexec.executor.types import LaunchResult
-
-    return LaunchResult.accepted()
 
 
 def _reap(*_) -> None:
