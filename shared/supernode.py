@@ -13,13 +13,12 @@ unpatched, with a warning, rather than failing.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import subprocess
 import sys
 import time as _time
 
-__all__ = ["DEFAULT_POLL_INTERVAL", "OBJECT_PULL_BACKOFF", "patch_object_pulls", "patch_supernode", "main"]
+__all__ = ["DEFAULT_POLL_INTERVAL", "OBJECT_PULL_BACKOFF", "patch_object_pulls", "patch_supernode", "run_supernode"]
 
 log = logging.getLogger("fedmri.supernode")
 
@@ -92,21 +91,15 @@ def patch_supernode(poll_interval: float | None = DEFAULT_POLL_INTERVAL, fork_se
     return applied
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``flower-supernode``'s arguments plus ``--poll-interval`` and ``--executor``."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL)
-    parser.add_argument("--executor", choices=("fork", "subprocess"), default="fork")
-    ours, flower_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if not 0.01 <= ours.poll_interval <= 3.0:
-        raise SystemExit("fedmri supernode: --poll-interval must be between 0.01 and 3 seconds")
-    applied = patch_supernode(ours.poll_interval, fork_server=ours.executor == "fork")
+def run_supernode(
+    flower_args: list[str], poll_interval: float = DEFAULT_POLL_INTERVAL, fork_server: bool = True
+) -> None:
+    """Flower's ``flower-supernode`` with ``flower_args``, tuned as this module says (``fedmri supernode``)."""
+    if not 0.01 <= poll_interval <= 3.0:
+        raise ValueError(f"--poll-interval must be between 0.01 and 3 seconds, got {poll_interval:g}")
+    applied = patch_supernode(poll_interval, fork_server=fork_server)
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     print(f"fedmri supernode: Flower's SuperNode with {', '.join(applied) or 'no changes'}", flush=True)
     sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()
-
-
-if __name__ == "__main__":
-    main()

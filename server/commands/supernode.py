@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shared.supernode import main
+    from shared.supernode import run_supernode
 
-    main(["--poll-interval", str(args.poll_interval), "--executor", args.executor, *args.flower_args])
+    run_supernode(args.flower_args, poll_interval=args.poll_interval, fork_server=args.executor == "fork")
     return 0

@@ -49,6 +49,11 @@ SUPERNODE_RUNNERS = ("fedmri", "flower")
 _RESERVED_PORTS = {8000, 8080}  # SuperLink's and the API's defaults
 
 
+def _check_runner(runner: str) -> None:
+    if runner not in SUPERNODE_RUNNERS:
+        raise ValueError(f"runner must be one of {SUPERNODE_RUNNERS}, got {runner!r}")
+
+
 class FederationError(RuntimeError):
     """A federation that could not start or did not complete; the message says which part failed."""
 
@@ -165,8 +170,7 @@ def supernode_command(
     node_config = f'site="{site}" data-dir="{data_dir}"'
     node_config += f" cpus={int(cpus)}" if cpus else ""
     node_config += f' cache-dir="{cache_dir}"' if cache_dir else ""
-    if runner not in SUPERNODE_RUNNERS:
-        raise ValueError(f"supernode runner must be one of {SUPERNODE_RUNNERS}, got {runner!r}")
+    _check_runner(runner)
     cmd = ["--superlink", superlink, "--port", str(port), "--node-config", node_config]
     cmd[:0] = ["--root-certificates", ca_cert] if ca_cert else ["--insecure"]
     cmd[:0] = ["fedmri", "supernode"] if runner == "fedmri" else ["flower-supernode"]
@@ -185,8 +189,7 @@ def superexec_command(runtime_api: str, ca_cert: str | None = None, runner: str 
     ``runner="fedmri"``: ``fedmri superexec`` (``shared/superexec.py``), which forks each ClientApp from a warm
     process instead of starting a fresh interpreter per message (a site's SuperExec, e.g. compose's clientapp-*).
     """
-    if runner not in SUPERNODE_RUNNERS:
-        raise ValueError(f"superexec runner must be one of {SUPERNODE_RUNNERS}, got {runner!r}")
+    _check_runner(runner)
     cmd = ["fedmri", "superexec"] if runner == "fedmri" else ["flower-superexec"]
     cmd += ["--runtime-api-address", runtime_api]
     return cmd + (["--root-certificates", ca_cert] if ca_cert else ["--insecure"])
@@ -261,8 +264,7 @@ class LocalFederation:
         auth_keys_dir: str | Path | None = None,
         supernode: str = "fedmri",
     ) -> None:
-        if supernode not in SUPERNODE_RUNNERS:
-            raise ValueError(f"supernode must be one of {SUPERNODE_RUNNERS}, got {supernode!r}")
+        _check_runner(supernode)  # before any process starts
         self.supernode_runner = supernode
         self.work_dir = Path(work_dir).resolve()
         self.sites = {name: Path(path).resolve() for name, path in (sites or {}).items()}
