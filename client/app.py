@@ -3,7 +3,7 @@
 Thin, per Flower's app template: the work is in ``client/task.py``. In a simulation (node config
 ``partition-id``) the task runs in this process, a warm Ray actor. In a deployment (node config
 ``data-dir``) Flower starts a fresh ClientApp process per message, so this module imports neither
-torch nor MONAI nor ``shared``: it hands the message to the site's warm worker process
+torch nor MONAI (from ``shared`` only the small ``shared.wire``): it hands the message to the site's warm worker process
 (``client/worker.py``, started on first use) and returns its answer, or does the work itself when
 the worker cannot be reached (run config ``warm-worker = false`` always does).
 """
@@ -22,6 +22,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import worker
+from shared.wire import pack_content, unpack_content
 
 timing.imports_done()
 app = ClientApp()
@@ -54,6 +55,11 @@ def _in_process(kind: str, content: RecordDict, context: Context) -> RecordDict:
 
 
 def _handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
+    """The task's reply to ``content``; the model travels packed both ways (``shared.wire``)."""
+    return pack_content(_dispatch(kind, unpack_content(content), context))
+
+
+def _dispatch(kind: str, content: RecordDict, context: Context) -> RecordDict:
     if "data-dir" not in context.node_config:  # simulation (or a node config the task rejects, with its reason)
         return _in_process(kind, content, context)
     entered = time.time()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
 
 from shared.data import DataConfig
 from shared.model import ModelConfig
@@ -24,6 +25,15 @@ TINY_SITES = (
         n_test=1,
     ),
 )
+
+
+@pytest.fixture
+def task_identity():
+    """What Flower's ClientApp runtime sets in its process before it calls the app."""
+    before = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 7
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = before
 
 
 @pytest.fixture(scope="session")

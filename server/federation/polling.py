@@ -5,6 +5,9 @@ sleeps 3 s between pulls, so every message costs the ServerApp up to 3 s after t
 in. :class:`PollingGrid` wraps any Grid (deployment or simulation) and does the same
 push-then-pull with a configurable interval; everything else is passed through. The send and
 arrival times feed the per-message breakdown (``bench/bench_native.py``).
+
+It also puts the model on the wire as one Array per record (``shared.wire``): messages are packed
+before the push and replies unpacked after the pull, so strategies see ordinary ArrayRecords.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
+
+from shared.wire import PackedRecordError, pack_record, unpack_content
 
 __all__ = ["PollingGrid", "DEFAULT_POLL_INTERVAL"]
 
@@ -41,6 +46,7 @@ class PollingGrid:
         messages = list(messages)
         if not messages:  # a round without this phase (e.g. evaluation sent with training)
             return []
+        _pack(messages)
         pushed = time.time()  # a SuperNode may pull the first message before the push of the last returns
         pending = set(self._grid.push_messages(messages))
         self.sent_at.update(dict.fromkeys(pending, pushed))
@@ -50,6 +56,7 @@ class PollingGrid:
             got = list(self._grid.pull_messages(pending))
             now = time.time()
             for msg in got:
+                _unpack(msg)
                 self.arrived_at[msg.metadata.reply_to_message_id] = now
                 pending.discard(msg.metadata.reply_to_message_id)
             replies.extend(got)
@@ -57,3 +64,24 @@ class PollingGrid:
                 break
             time.sleep(self.interval)
         return replies
+
+
+def _pack(messages: list[Message]) -> None:
+    """Pack every message's ArrayRecords; one packed copy of a record the messages share."""
+    packed: dict[int, ArrayRecord] = {}
+    for msg in messages:
+        for key, record in list(msg.content.array_records.items()):
+            if id(record) not in packed:
+                packed[id(record)] = pack_record(record)
+            msg.content[key] = packed[id(record)]
+
+
+def _unpack(msg: Message) -> None:
+    """Restore a reply's packed ArrayRecords; a damaged one stays packed, and the strategy's update check
+    (``check_update``) then refuses it with the reason."""
+    if msg.has_error() or not msg.has_content():
+        return
+    try:
+        msg.content = unpack_content(msg.content)
+    except PackedRecordError:
+        pass

@@ -22,6 +22,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from server.federation.polling import DEFAULT_POLL_INTERVAL, PollingGrid
 from shared.ood import site_from_metrics
 from shared.runconfig import RunConfig
+from shared.wire import PackedRecordError, is_packed, unpack_record
 
 __all__ = [
     "SiteAwareStrategy",
@@ -60,6 +61,11 @@ def resolve_eval_with_train(value, grid) -> bool:
 
 def check_update(arrays: ArrayRecord, expected: dict[str, tuple[int, ...]]) -> str | None:
     """Why an update cannot be aggregated (wrong keys, wrong shape, NaN/Inf), or None if it can."""
+    if is_packed(arrays):  # still packed: the grid could not unpack it (shared.wire)
+        try:
+            arrays = unpack_record(arrays)
+        except PackedRecordError as exc:
+            return str(exc)
     keys = set(arrays.keys())
     if keys != set(expected):
         missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))

@@ -9,25 +9,18 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app
 from shared.errors import InvalidSiteError
 from shared.model import build_unet, norm_parameter_names
 from shared.runconfig import RunConfig
+from shared.wire import is_packed, pack_content, unpack_record
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 # The task in this process (as in a simulation); tests/client/test_worker.py hands it to the site's worker.
 RUN = {"channels": "8,16,32", "roi-size": "32,32,32", "spacing": "4,4,4", "max-steps": 2, "local-epochs": 3,
        "warm-worker": False}
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """What Flower's ClientApp runtime sets in its process before it calls the app."""
-    before = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 7
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = before
 
 
 def _context(site_dir, **run) -> Context:
@@ -50,9 +43,12 @@ def _global_state(**run) -> dict:
 @pytest.mark.slow
 def test_train_returns_an_update_of_the_same_network_and_names_the_site(tiny_data_dir):
     state = _global_state()
-    reply = app(_message("train", state), _context(tiny_data_dir / "site-a"))
+    message = _message("train", state)
+    message.content = pack_content(message.content)  # as the ServerApp sends it (a stock one's works too)
+    reply = app(message, _context(tiny_data_dir / "site-a"))
     assert not reply.has_error(), reply.error
-    update = reply.content["arrays"].to_torch_state_dict()
+    assert is_packed(reply.content["arrays"])  # the model goes back as one Array (shared.wire)
+    update = unpack_record(reply.content["arrays"]).to_torch_state_dict()
     assert {k: v.shape for k, v in update.items()} == {k: v.shape for k, v in state.items()}
     assert any(not torch.equal(update[k], state[k]) for k in state)  # it trained
     metrics = reply.content["metrics"]
