@@ -32,9 +32,12 @@ applied = patch_supernode(0.05)
 assert len(applied) == 3, applied
 t = time.monotonic(); loop.time.sleep(3); slept = time.monotonic() - t
 assert slept < 0.5, slept                      # Flower's idle sleep(3) is capped
+t = time.monotonic(); loop.time.sleep(0.5); local = time.monotonic() - t
+assert local < 0.2, local                      # ... and its 0.5 s checks of its own state
 assert loop.time.monotonic() > 0               # everything else is the real time module
-assert objects.pull_objects.__kwdefaults__["initial_backoff"] == 0.05
-assert objects.pull_objects.__kwdefaults__["backoff_cap"] == 10  # Flower's cap and retry limit are kept
+pulls = objects.pull_objects.__kwdefaults__
+assert (pulls["initial_backoff"], pulls["backoff_cap"]) == (0.05, 0.1)
+assert pulls["max_tries_per_object"] * pulls["backoff_cap"] == 500 * 10  # Flower's total patience is kept
 proc = loop.subprocess.Popen(["flower-superexec", "--help"], stdout=loop.subprocess.PIPE, text=True)
 out, _ = proc.communicate(timeout=60)
 assert proc.args[1:3] == ["-m", "shared.superexec"], proc.args  # Flower's SuperExec launch, redirected
@@ -51,7 +54,7 @@ def test_stock_flower_supernode_is_left_alone_when_asked():
 import subprocess, time
 from shared.supernode import patch_supernode
 import flwr.supernode.start_client_internal as loop
-assert patch_supernode(None, fork_server=False) == ["object-pull backoff from 0.05s"]
+assert patch_supernode(None, fork_server=False) == ["object-pull retries every 0.05-0.1s"]
 assert loop.time is time and loop.subprocess is subprocess
 print("ok")
 """
