@@ -82,14 +82,18 @@ def patch_object_pulls(
     """
     import flwr.supercore.inflatable.inflatable_utils as objects
 
-    defaults = getattr(objects.pull_objects, "__kwdefaults__", None) or {}
-    if not {"initial_backoff", "backoff_cap", "max_tries_per_object"} <= set(defaults):
-        log.warning("this Flower's pull_objects has other retry settings: object pulls left at Flower's backoff")
+    # pull_objects (the SuperNode's download) and pull_and_inflate_object_from_tree (ClientApp and
+    # ServerApp message pulls, which pass their own defaults on) each carry the retry settings.
+    functions = [getattr(objects, name, None) for name in ("pull_objects", "pull_and_inflate_object_from_tree")]
+    every = [getattr(f, "__kwdefaults__", None) or {} for f in functions]
+    if not all({"initial_backoff", "backoff_cap", "max_tries_per_object"} <= set(d) for d in every):
+        log.warning("this Flower's object pulls have other retry settings: object pulls left at Flower's backoff")
         return False
-    tries, cap = defaults["max_tries_per_object"], defaults["backoff_cap"]
-    if tries is not None and cap > backoff_cap:
-        defaults["max_tries_per_object"] = int(tries * cap / backoff_cap)
-    defaults["initial_backoff"], defaults["backoff_cap"] = initial_backoff, min(cap, backoff_cap)
+    for defaults in every:
+        tries, cap = defaults["max_tries_per_object"], defaults["backoff_cap"]
+        if tries is not None and cap > backoff_cap:
+            defaults["max_tries_per_object"] = int(tries * cap / backoff_cap)
+        defaults["initial_backoff"], defaults["backoff_cap"] = initial_backoff, min(cap, backoff_cap)
     return True
 
 

@@ -35,9 +35,9 @@ assert slept < 0.5, slept                      # Flower's idle sleep(3) is cappe
 t = time.monotonic(); loop.time.sleep(0.5); local = time.monotonic() - t
 assert local < 0.2, local                      # ... and its 0.5 s checks of its own state
 assert loop.time.monotonic() > 0               # everything else is the real time module
-pulls = objects.pull_objects.__kwdefaults__
-assert (pulls["initial_backoff"], pulls["backoff_cap"]) == (0.05, 0.1)
-assert pulls["max_tries_per_object"] * pulls["backoff_cap"] == 500 * 10  # Flower's total patience is kept
+for pulls in (objects.pull_objects.__kwdefaults__, objects.pull_and_inflate_object_from_tree.__kwdefaults__):
+    assert (pulls["initial_backoff"], pulls["backoff_cap"]) == (0.05, 0.1)
+    assert pulls["max_tries_per_object"] * pulls["backoff_cap"] == 500 * 10  # Flower's total patience is kept
 proc = loop.subprocess.Popen(["flower-superexec", "--help"], stdout=loop.subprocess.PIPE, text=True)
 out, _ = proc.communicate(timeout=60)
 assert proc.args[1:3] == ["-m", "shared.superexec"], proc.args  # Flower's SuperExec launch, redirected
