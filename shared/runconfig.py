@@ -125,7 +125,8 @@ class RunConfig(BaseModel):
         "(auto: on in native mode, where each message costs a fresh ClientApp process; off in simulation)",
         "federation")
     poll_interval: float = _field(
-        0.2, "seconds between the ServerApp's checks for replies (Flower's own default is 3)", "federation", gt=0)
+        0.2, "seconds between the ServerApp's checks for replies from the SuperLink (Flower's own default is 3; "
+        "a simulation checks its in-process state every 0.01 s)", "federation", gt=0)
     site_cache: bool = _field(
         True, "sites keep preprocessed volumes on their own disk (node config cache-dir, default "
         "<data-dir>/.fedmri-cache)", "federation")

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from server.federation.polling import DEFAULT_POLL_INTERVAL, PollingGrid
+from server.federation.polling import DEFAULT_POLL_INTERVAL, PollingGrid, is_in_memory
 from shared.ood import site_from_metrics
 from shared.runconfig import RunConfig
 from shared.wire import PackedRecordError, is_packed, unpack_record
@@ -52,11 +52,7 @@ def resolve_eval_with_train(value, grid) -> bool:
         return text == "true"
     if text != "auto":
         raise ValueError(f"run config 'eval-with-train': expected true, false or \"auto\", got {value!r}")
-    try:
-        from flwr.superlink.grid.inmemory_grid import InMemoryGrid
-    except ImportError:  # another Flower layout: decide by name
-        return "InMemory" not in type(grid).__name__
-    return not isinstance(grid, InMemoryGrid)
+    return not is_in_memory(grid)
 
 
 def check_update(arrays: ArrayRecord, expected: dict[str, tuple[int, ...]]) -> str | None:
