@@ -9,10 +9,11 @@ Runs, one after the other in their own processes (so one's memory does not weigh
 * ``bench/bench_federation.py``: Flower round vs the same work bare, simulation scaling in sites
   (3/10/30/100; ``--quick``: 3/10) with peak RSS of all processes;
 
-then reads ``soak.json`` (``bench/bench_soak.py``) and ``native.json`` (``bench/bench_native.py``)
-where those exist, and writes the figures with the machine's load average before and after every
-step. The README's benchmark table between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is
-rewritten from ``summary.json`` (``--readme-only`` does just that).
+then reads ``soak.json`` (``bench/bench_soak.py``), ``native.json`` (``bench/bench_native.py``) and
+``compose.json`` (``bench/bench_compose.py``, needs root and Docker) where those exist, and writes
+the figures with the machine's load average before and after every step. The README's benchmark
+table between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is rewritten from ``summary.json``
+(``--readme-only`` does just that).
 
 ``--quick`` (<= 5 min on an idle 2-core machine): 2 repeats, no concurrency run, 3/10 sites,
 per-benchmark files in ``bench/results/quick/``; the full run writes them in ``bench/results/``.
@@ -51,6 +52,8 @@ GOALS = {
     "soak_p95_s": ("reported", None, "API soak p95 latency (s), from bench/bench_soak.py"),
     "native_round_over_sim": ("<= 1.5", lambda v: v <= 1.5, "native SuperLink/SuperNode steady round / simulation "
                               "round, same work, from bench/bench_native.py"),
+    "compose_round_over_sim": ("<= 1.5", lambda v: v <= 1.5, "the same under docker compose (site containers), "
+                               "from bench/bench_compose.py"),
 }
 
 
@@ -118,7 +121,7 @@ def _steady_round(run: dict) -> float | None:
 def summarize(out: Path, records: dict | None = None, quick: bool = False, results: Path = RESULTS) -> dict:
     """The summary from the per-benchmark files in ``out`` (and soak/native in ``results``)."""
     inference, api, federation = (_read(out / f"{n}.json") for n in ("inference", "api", "federation"))
-    soak, native = _read(results / "soak.json"), _read(results / "native.json")
+    soak, native, compose = (_read(results / f"{n}.json") for n in ("soak", "native", "compose"))
     values: dict[str, float | int | None] = dict.fromkeys(GOALS)
     extra: dict = {}
     large, demo = _model(inference, "large_1mm"), _model(inference, "demo")
@@ -152,8 +155,9 @@ def summarize(out: Path, records: dict | None = None, quick: bool = False, resul
     if soak and "soak_p95_s" in soak:
         values["soak_p95_s"] = soak["soak_p95_s"]
     if native:
-        ratio = native.get("native_round_over_sim")
-        values["native_round_over_sim"] = ratio
+        values["native_round_over_sim"] = native.get("native_round_over_sim")
+    if compose:
+        values["compose_round_over_sim"] = compose.get("compose_round_over_sim")
     goals = {}
     for key, (goal, test, what) in GOALS.items():
         value = values[key]

@@ -48,6 +48,10 @@ def test_summary_holds_every_figure_and_says_which_goals_are_met(run, tmp_path):
     assert summary["sim_sites_max"] == 100 and summary["sim_peak_rss_gib_at_max"] == 6.0
     assert summary["soak_p95_s"] == 0.9
     assert summary["native_round_over_sim"] is None and summary["goals"]["native_round_over_sim"]["met"] is None
+    (tmp_path / "compose.json").write_text(json.dumps({"compose_round_over_sim": 1.7}))
+    (tmp_path / "native.json").write_text(json.dumps({"native_round_over_sim": 1.3}))
+    both = run.summarize(tmp_path, records={}, results=tmp_path)["goals"]
+    assert (both["native_round_over_sim"]["met"], both["compose_round_over_sim"]["met"]) == (True, False)
     assert summary["details"]["sim_steady_round_s_by_sites"] == {"3": 1.5, "100": 20.0}
 
 
