@@ -53,6 +53,8 @@ def run_compose(rounds: int, timeout: float) -> tuple[list[float], str, float]:
         "CT_ROUNDS": str(rounds),
         "CT_PASSES": "plain",
         "CT_FEDERATE_ARGS": f"--rounds {rounds} --local-epochs 1 --min-sites 4 --set round-timeout=900",
+        # every site on this one machine: each its share of the cores, as the native launcher gives it
+        "FEDMRI_SITE_CPUS": str(max(1, (os.cpu_count() or 1) // 4)),
     }
     start = time.perf_counter()
     res = subprocess.run(
@@ -76,7 +78,8 @@ def markdown(r: dict) -> str:
             f"after {r['loadavg_after']} (a shared machine: absolute times are inflated).",
             f"Work: the 4 demo sites, {r['rounds']} rounds x 1 local epoch, run config defaults otherwise. Compose: "
             "`scripts/compose-test.sh` plain pass (CT_SITES=4 CT_SCALE_CASES=1), every site in its own "
-            "`fedmri supernode` and `fedmri superexec` containers, round times as the federate container "
+            "`fedmri supernode` and `fedmri superexec` containers with its share of the cores as torch threads "
+            "(FEDMRI_SITE_CPUS, as the native launcher sets them), round times as the federate container "
             "printed them (0.1 s resolution). Simulation: `fedmri federate --mode simulation` here, right after.",
             "",
             "| | simulation | compose |",

@@ -153,7 +153,7 @@ def supernode_command(
     auth_key: str | None = None,
     isolation: str | None = None,
     host: str | None = None,
-    cpus: int | None = None,
+    cpus: int | str | None = None,
     cache_dir: str | None = None,
     runner: str = "fedmri",
 ) -> list[str]:
@@ -165,10 +165,11 @@ def supernode_command(
 
     ``port``/``host`` are the SuperNode's own runtime API (a separate ``flower-superexec`` connects
     there when ``isolation="process"``). ``cpus``: the site's CPU budget (its ClientApp's torch
-    threads); ``cache_dir``: where the site keeps preprocessed volumes (default ``<data-dir>/.fedmri-cache``).
+    threads; a string such as compose's ``${FEDMRI_SITE_CPUS:-0}`` is kept as written); ``cache_dir``:
+    where the site keeps preprocessed volumes (default ``<data-dir>/.fedmri-cache``).
     """
     node_config = f'site="{site}" data-dir="{data_dir}"'
-    node_config += f" cpus={int(cpus)}" if cpus else ""
+    node_config += f" cpus={cpus if isinstance(cpus, str) else int(cpus)}" if cpus else ""
     node_config += f' cache-dir="{cache_dir}"' if cache_dir else ""
     _check_runner(runner)
     cmd = ["--superlink", superlink, "--port", str(port), "--node-config", node_config]
@@ -356,7 +357,13 @@ class LocalFederation:
         # The sites share this machine: each ClientApp gets an equal share of its cores as torch threads.
         cpus = max(1, (os.cpu_count() or 1) // max(1, len(self.sites)))
         cmd = supernode_command(
-            self.address, free_port(), site, str(data_dir), ca_cert=self.ca_cert, auth_key=key, cpus=cpus,
+            self.address,
+            free_port(),
+            site,
+            str(data_dir),
+            ca_cert=self.ca_cert,
+            auth_key=key,
+            cpus=cpus,
             runner=self.supernode_runner,
         )
         self.supernodes[site] = _Proc(

@@ -26,6 +26,8 @@ from shared.synth import DEMO_SITES
 
 ROOT = Path(__file__).resolve().parents[3]
 SITES = [s.name for s in DEMO_SITES]
+# Each site's torch threads: all its container sees unless FEDMRI_SITE_CPUS gives it a share (bench/bench_compose.py)
+SITE_CPUS = "${FEDMRI_SITE_CPUS:-0}"
 COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
 FLOWER_SERVICES = {"superlink", "serverapp"} | {f"{k}-{s}" for s in SITES for k in ("supernode", "clientapp")}
 
@@ -86,7 +88,14 @@ def test_superlink_and_serverapp_match_the_native_launcher(compose):
 def test_each_site_has_its_own_data_volume_and_node_config(compose, site):
     node = compose["services"][f"supernode-{site}"]
     assert node["command"] == supernode_command(
-        "superlink:9093", 9094, site, f"/data/{site}", isolation="process", host="0.0.0.0", cache_dir="/cache"
+        "superlink:9093",
+        9094,
+        site,
+        f"/data/{site}",
+        isolation="process",
+        host="0.0.0.0",
+        cache_dir="/cache",
+        cpus=SITE_CPUS,
     )
     volume = f"{site}-data:/data/{site}:ro"
     assert node["volumes"] == [volume]
@@ -224,6 +233,7 @@ def test_tls_override_adds_certificates_and_node_keys(tls_override, site):
         isolation="process",
         host="0.0.0.0",
         cache_dir="/cache",
+        cpus=SITE_CPUS,
     )
     assert f"${{FEDMRI_KEYS_DIR:-./deploy/keys}}/{site}:/keys/{site}:ro" in node["volumes"]
     assert not any("server.key" in v for v in node["volumes"])  # sites never see the SuperLink's key
