@@ -44,6 +44,7 @@ from shared.inferer import (  # noqa: E402
     bf16_supported,
     covering_window,
     network_flops,
+    openvino_available,
     window_plan,
 )
 from shared.model import ModelConfig, build_unet, count_parameters  # noqa: E402
@@ -120,6 +121,8 @@ def variants(cfg: DataConfig, shape, quick: bool) -> dict[str, dict]:
         out["bf16"] = {"options": InferenceOptions(precision="bf16")}
         if not quick:
             out["bf16_channels_last"] = {"options": InferenceOptions(precision="bf16", channels_last=True)}
+    if openvino_available():  # the optional backend (pip install '.[openvino]')
+        out["openvino"] = {"options": InferenceOptions(backend="openvino")}
     window = covering_window(shape, cfg.roi_size, multiple=8)
     if window_plan(shape, window).windows < window_plan(shape, cfg.roi_size).windows:
         out["fp32_one_window"] = {"options": InferenceOptions(window=window)}
@@ -209,10 +212,15 @@ def invariance(name: str = "demo") -> dict:
     net = build_unet(mcfg).eval()
     image = brain_volume(dcfg.spacing)
     out = {}
-    for precision in ["fp32"] + (["bf16"] if bf16_supported("cpu") else []):
-        predictor = SlidingWindowPredictor(net, dcfg.roi_size, InferenceOptions(precision=precision))
+    options = {"fp32": InferenceOptions()}
+    if bf16_supported("cpu"):
+        options["bf16"] = InferenceOptions(precision="bf16")
+    if openvino_available():
+        options["openvino"] = InferenceOptions(backend="openvino")
+    for key, option in options.items():
+        predictor = SlidingWindowPredictor(net, dcfg.roi_size, option)
         base = predictor.labels(image)
-        out[precision] = [
+        out[key] = [
             round(float((predictor.labels(s * image + b) == base).float().mean()), 6)
             for s, b in ((0.25, -500.0), (4.0, 300.0))
         ]

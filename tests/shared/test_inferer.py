@@ -153,3 +153,26 @@ def test_automatic_windows_per_pass_gives_the_labels_of_two_per_pass():
     auto = SlidingWindowPredictor(net, (16, 16, 16), InferenceOptions()).logits(image)
     assert (two.argmax(1) == auto.argmax(1)).all()
     assert torch.allclose(two, auto, atol=1e-4)
+
+
+def test_openvino_backend_matches_torch_and_keeps_the_invariance(volume):
+    pytest.importorskip("openvino")  # installed with .[dev]; an optional backend for users
+    net = tiny_net()
+    reference = SlidingWindowPredictor(net, ROI).logits(volume)
+    predictor = SlidingWindowPredictor(tiny_net(), ROI, InferenceOptions(backend="openvino"))
+    fast = predictor.logits(volume)
+    assert fast.shape == reference.shape and fast.dtype == torch.float32
+    # Other kernels, other summation order: measured max |diff| 5e-4 on logits of O(0.1), labels 99.9993 %
+    assert float((fast - reference).abs().max()) < 5e-3
+    assert float((fast.argmax(1) == reference.argmax(1)).float().mean()) >= 0.999
+    base = predictor.labels(volume)
+    agreement = [float((predictor.labels(s * volume + b) == base).float().mean()) for s, b in AFFINES]
+    assert min(agreement) >= 0.9999, agreement  # measured 1.0000, as the torch float32 path
+    assert len(predictor._compiled) <= 2  # one compiled model per window-batch shape, reused across volumes
+
+
+def test_openvino_backend_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="precision fp32"):
+        InferenceOptions(backend="openvino", precision="bf16")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        InferenceOptions(backend="onnx")
