@@ -22,7 +22,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import worker
-from shared.wire import pack_content, unpack_content
+from shared.wire import is_packed, pack_content, unpack_content
 
 timing.imports_done()
 app = ClientApp()
@@ -55,8 +55,11 @@ def _in_process(kind: str, content: RecordDict, context: Context) -> RecordDict:
 
 
 def _handle(kind: str, content: RecordDict, context: Context) -> RecordDict:
-    """The task's reply to ``content``; the model travels packed both ways (``shared.wire``)."""
-    return pack_content(_dispatch(kind, unpack_content(content), context))
+    """The task's reply to ``content``, its model in the form the server sent (``shared.wire``: fedmri's
+    ServerApp packs; a stock Flower ServerApp that does not gets ordinary records back)."""
+    packed = any(is_packed(record) for record in content.array_records.values())
+    reply = _dispatch(kind, unpack_content(content), context)
+    return pack_content(reply) if packed else reply
 
 
 def _dispatch(kind: str, content: RecordDict, context: Context) -> RecordDict:

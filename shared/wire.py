@@ -6,8 +6,8 @@ ServerApp -> SuperLink -> SuperNode -> ClientApp and back. The demo UNet's 20 te
 objects per message, fetched a few at a time, which was most of a native message's start-up.
 :func:`pack_content` turns each ArrayRecord into a one-Array record (the arrays' own serialized
 bytes back to back after a small JSON manifest); :func:`unpack_content` restores the original
-Arrays byte for byte. Both are no-ops on content that is already in the other form, so a peer
-that does not pack (a stock Flower app) still interoperates.
+Arrays byte for byte. Both are no-ops on content that is already in the other form, and the ClientApp
+answers in the form it was sent, so a peer that does not pack (a stock Flower app) still interoperates.
 """
 
 from __future__ import annotations

@@ -44,11 +44,15 @@ def _global_state(**run) -> dict:
 def test_train_returns_an_update_of_the_same_network_and_names_the_site(tiny_data_dir):
     state = _global_state()
     message = _message("train", state)
-    message.content = pack_content(message.content)  # as the ServerApp sends it (a stock one's works too)
+    message.content = pack_content(message.content)  # as fedmri's ServerApp sends it
     reply = app(message, _context(tiny_data_dir / "site-a"))
     assert not reply.has_error(), reply.error
     assert is_packed(reply.content["arrays"])  # the model goes back as one Array (shared.wire)
     update = unpack_record(reply.content["arrays"]).to_torch_state_dict()
+    # A stock Flower ServerApp sends ordinary records and gets ordinary records back: the same update.
+    stock = app(_message("train", state), _context(tiny_data_dir / "site-a"))
+    assert not is_packed(stock.content["arrays"])
+    assert all(torch.equal(v, update[k]) for k, v in stock.content["arrays"].to_torch_state_dict().items())
     assert {k: v.shape for k, v in update.items()} == {k: v.shape for k, v in state.items()}
     assert any(not torch.equal(update[k], state[k]) for k in state)  # it trained
     metrics = reply.content["metrics"]
