@@ -32,8 +32,8 @@ __all__ = [
 log = logging.getLogger("fedmri.supernode")
 
 DEFAULT_POLL_INTERVAL = 0.2
-# Seconds between the loop's checks of its own in-memory state (Flower: 0.5 s); sleeps of Flower's
-# below this threshold are such checks, longer ones (3 s) wait for the SuperLink.
+# Seconds between the loop's checks of its own in-memory state (Flower: 0.5 s). Flower's sleeps shorter
+# than _SUPERLINK_WAIT are such checks; longer ones (3 s) wait for the SuperLink (--poll-interval).
 LOCAL_CHECK = 0.05
 _SUPERLINK_WAIT = 1.0
 # Flower's object-pull retries (a ClientApp asking its SuperNode for a message's objects before the
