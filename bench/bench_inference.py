@@ -170,22 +170,14 @@ def bench_model(name: str, repeats: int, quick: bool, dense: DenseConv, dense_bf
     for key, (_, window, overlap) in runners.items():
         plan = window_plan(shape, window, overlap)
         flops = plan.windows * network_flops(net, window)
-        seconds = statistics.median(times[key])
-        floor = flops / (dense.gflops * 1e9)
-        bf16 = "bf16" in key
-        row = {
+        rows[key] = {
             "seconds": [round(t, 4) for t in times[key]],
-            "median_seconds": round(seconds, 4),
+            "median_seconds": round(statistics.median(times[key]), 4),
             "flops": flops,
             "gflop": round(flops / 1e9, 3),
             "plan": plan.to_dict(),
-            "floor_seconds": round(floor, 4),
-            "forward_over_floor": round(seconds / floor, 3),
             "label_agreement_with_monai": round(float((labels[key] == labels["monai"]).float().mean()), 6),
         }
-        if bf16 and dense_bf16 is not None:
-            row["forward_over_floor_bf16_conv"] = round(seconds / (flops / (dense_bf16.gflops * 1e9)), 3)
-        rows[key] = row
     same = {k: r for k, r in rows.items() if r["label_agreement_with_monai"] >= AGREEMENT_TOLERANCE}
     best = min(same, key=lambda k: rows[k]["median_seconds"])
     return {
@@ -197,22 +189,20 @@ def bench_model(name: str, repeats: int, quick: bool, dense: DenseConv, dense_bf
         "network_input_shape": list(shape),
         "variants": rows,
         "best_same_prediction": best,
-        "forward_over_floor": rows[best]["forward_over_floor"],
-        "monai_over_floor": rows["monai"]["forward_over_floor"],
         "overlap_share": rows[best]["plan"]["overlap_share"],
     }
 
 
-def _floors_from_best(models: list[dict], dense: DenseConv, dense_bf16: DenseConv | None) -> None:
-    """Every floor from the run's best dense-convolution sample (the one reported), not the best so far
-    when that model was timed: a later sample can only raise the machine's measured capability."""
+def add_floors(models: list[dict], dense: DenseConv, dense_bf16: DenseConv | None) -> None:
+    """Every variant's floor and forward/floor from the run's best dense-convolution sample (the one
+    reported; it is known only once every model was timed, since a later sample can only raise it)."""
     for m in models:
-        for row in m["variants"].values():
-            seconds, flops = row["median_seconds"], row["flops"]
-            row["floor_seconds"] = round(flops / (dense.gflops * 1e9), 4)
-            row["forward_over_floor"] = round(seconds / (flops / (dense.gflops * 1e9)), 3)
-            if "forward_over_floor_bf16_conv" in row and dense_bf16 is not None:
-                row["forward_over_floor_bf16_conv"] = round(seconds / (flops / (dense_bf16.gflops * 1e9)), 3)
+        for key, row in m["variants"].items():
+            seconds, floor = row["median_seconds"], row["flops"] / (dense.gflops * 1e9)
+            row["floor_seconds"] = round(floor, 4)
+            row["forward_over_floor"] = round(seconds / floor, 3)
+            if "bf16" in key and dense_bf16 is not None:
+                row["forward_over_floor_bf16_conv"] = round(seconds / (row["flops"] / (dense_bf16.gflops * 1e9)), 3)
         m["forward_over_floor"] = m["variants"][m["best_same_prediction"]]["forward_over_floor"]
         m["monai_over_floor"] = m["variants"]["monai"]["forward_over_floor"]
 
@@ -249,7 +239,7 @@ def run(quick: bool = False, out_dir: Path = RESULTS, threads: int | None = None
     dense_bf16 = DenseConv(torch.bfloat16) if bf16_supported("cpu") else None
     repeats = 2 if quick else 5
     models = [bench_model(name, repeats, quick, dense, dense_bf16) for name in MODELS]
-    _floors_from_best(models, dense, dense_bf16)
+    add_floors(models, dense, dense_bf16)
     result = {
         "benchmark": "sliding-window inference vs compute floor",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
