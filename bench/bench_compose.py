@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_native import run_mode  # noqa: E402
+from bench_native import run_mode, steady_rounds  # noqa: E402
 
 ROUND_LINE = re.compile(r"\|\s*round (\d+) \((\d+(?:\.\d+)?)s\)")
 
@@ -116,7 +116,7 @@ def main() -> None:
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    middle = list(range(3, args.rounds)) or [args.rounds]
+    middle = steady_rounds(args.rounds)
     sim_steady = statistics.mean(sim["round_s"][k - 1] for k in middle)
     compose_steady = statistics.mean(compose_s[k - 1] for k in middle)
     result = {

@@ -132,12 +132,16 @@ def import_times() -> dict[str, float]:
     return {k: round(top[k], 3) for k in keep if k in top}
 
 
+def steady_rounds(rounds: int) -> list[int]:
+    """Rounds 3..N-1, where neither mode does anything for the first time. Round 1 builds the training
+    caches and warms up; with eval-with-train a native site evaluates for the first time in round 2 (its
+    validation cache is built then; the simulation did that in round 1); the last round also sends the
+    run's one separate evaluate message. Fewer rounds: 2..N-1, or the last one."""
+    return list(range(3, rounds)) or list(range(2, rounds)) or [rounds]
+
+
 def summarize(sim: dict, native: dict, rounds: int) -> dict:
-    # Steady rounds: 3..N-1, where neither mode does anything for the first time. Round 1 builds the
-    # training caches and warms up; with eval-with-train a native site evaluates for the first time in
-    # round 2 (its validation cache is built then; the simulation did that in round 1); the last round
-    # also sends the run's one separate evaluate message. Fewer rounds: 2..N-1, or the last one.
-    middle = list(range(3, rounds)) or list(range(2, rounds)) or [rounds]
+    middle = steady_rounds(rounds)
     sim_steady = statistics.mean(sim["round_s"][k - 1] for k in middle)
     native_steady = statistics.mean(native["round_s"][k - 1] for k in middle)
     msgs = [m for m in native["messages"] if m["round"] in middle]
