@@ -21,15 +21,10 @@ from client import worker
 from client.app import app
 from shared.model import build_unet
 from shared.runconfig import RunConfig
-from shared.wire import unpack_record
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("task_identity")]
 
 RUN = {"channels": "8,16,32", "roi-size": "32,32,32", "spacing": "4,4,4", "max-steps": 2, "local-epochs": 1}
-
-
-def _update(reply: Message) -> dict:
-    return unpack_record(reply.content["arrays"]).to_torch_state_dict()
 
 
 def _alive(pid: int) -> bool:
@@ -101,7 +96,7 @@ def test_the_worker_answers_as_the_task_in_process_would_and_is_reused(tiny_data
     cold = _context(site, folder, **{"warm-worker": False})
     local = app(_message("train", state), cold)
     assert local.content["metrics"]["worker_pid"] == os.getpid()
-    got, want = _update(first), _update(local)
+    got, want = first.content["arrays"].to_torch_state_dict(), local.content["arrays"].to_torch_state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)  # same update, bit for bit
     assert m1["train_loss"] == local.content["metrics"]["train_loss"]
     assert m1["time_handoff"] >= 0 and m1["time_train"] > 0 and m1["time_process_start"] > 0
@@ -109,8 +104,8 @@ def test_the_worker_answers_as_the_task_in_process_would_and_is_reused(tiny_data
     second = _send("train", state, warm, pids, server_round=2)
     m2 = second.content["metrics"]
     assert m2["worker_pid"] == m1["worker_pid"] and m2["worker_started"] == 0 and m2["worker_messages"] == 2
-    round2_local = _update(app(_message("train", state, 2), cold))
-    got = _update(second)
+    round2_local = app(_message("train", state, 2), cold).content["arrays"].to_torch_state_dict()
+    got = second.content["arrays"].to_torch_state_dict()
     assert all(torch.equal(got[k], round2_local[k]) for k in got)  # reseeded per round, not per process
 
     evaluated = _send("evaluate", state, warm, pids)
