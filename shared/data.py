@@ -52,6 +52,9 @@ class DataConfig:
         gamma_prob: chance of a random gamma curve (0.7-1.5, range-preserving, so it commutes
             with the scanner's ``s*x+b``) on each training crop: scanners differ by more than an
             affine map (hospital-d's gamma 0.6), and instance norm cannot remove that; 0 turns it off.
+        bias_field_prob: chance of a random smooth multiplicative field on the signal above each
+            crop's minimum (``shared.augment.offset_bias_field``; commutes with ``s*x+b``): hospital-d's
+            coil field; 0 (default) turns it off.
     """
 
     spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
@@ -63,6 +66,7 @@ class DataConfig:
     cache: bool = True
     crop_ratios: tuple[float, ...] = field(default=(1.0, 1.0, 1.0, 6.0))
     gamma_prob: float = 0.3
+    bias_field_prob: float = 0.0
 
     def __post_init__(self) -> None:
         self.spacing = tuple(float(v) for v in self.spacing)
@@ -78,8 +82,9 @@ class DataConfig:
             raise ValueError(
                 f"crop_ratios must be {NUM_CLASSES} non-negative numbers, not all 0, got {self.crop_ratios}"
             )
-        if not 0 <= self.gamma_prob <= 1:
-            raise ValueError(f"gamma_prob must be in [0, 1], got {self.gamma_prob}")
+        for name in ("gamma_prob", "bias_field_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
@@ -165,13 +170,21 @@ def preprocess_transforms(cfg: DataConfig, keys: tuple[str, ...] = ("image", "la
     return chain
 
 
+_INDICES_POSTFIX = "_cls_indices"
+
+
 def train_transforms(cfg: DataConfig):
     from monai import transforms as mt
+
+    from shared.augment import offset_bias_field
 
     return mt.Compose(
         preprocess_transforms(cfg)
         + [
             mt.SpatialPadd(keys=("image", "label"), spatial_size=cfg.roi_size, mode="replicate"),
+            # Each class's voxel indices, once per volume (cached with it): the crop sampler would
+            # otherwise recompute them on every draw (~6x the cost of drawing the crops).
+            mt.ClassesToIndicesd(keys="label", num_classes=NUM_CLASSES, indices_postfix=_INDICES_POSTFIX),
             mt.RandCropByLabelClassesd(
                 keys=("image", "label"),
                 label_key="label",
@@ -179,11 +192,13 @@ def train_transforms(cfg: DataConfig):
                 num_classes=NUM_CLASSES,
                 ratios=list(cfg.crop_ratios),
                 num_samples=cfg.samples_per_volume,
+                indices_key="label" + _INDICES_POSTFIX,
                 warn=False,
             ),
             mt.RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=0),
         ]
         + ([mt.RandAdjustContrastd(keys="image", prob=cfg.gamma_prob, gamma=(0.7, 1.5))] if cfg.gamma_prob > 0 else [])
+        + ([offset_bias_field("image", prob=cfg.bias_field_prob)] if cfg.bias_field_prob > 0 else [])
     )
 
 

@@ -158,6 +158,9 @@ class RunConfig(BaseModel):
         DataConfig.crop_ratios, "relative chance that a crop is centred on background, GM, WM, lesion", "data")
     gamma_prob: float = _field(
         DataConfig.gamma_prob, "chance of a random range-preserving gamma curve per crop", "data", ge=0, le=1)
+    bias_field_prob: float = _field(
+        DataConfig.bias_field_prob, "chance of a random smooth bias field (above the crop's minimum) per crop", "data",
+        ge=0, le=1)
     # Optimiser
     lr: float = _field(0.001, "client Adam learning rate", "train", gt=0)
     lr_schedule: Schedule = _field(
@@ -276,6 +279,7 @@ class RunConfig(BaseModel):
             samples_per_volume=self.samples_per_volume,
             crop_ratios=self.crop_ratios,
             gamma_prob=self.gamma_prob,
+            bias_field_prob=self.bias_field_prob,
             zscore=self.zscore,
         )
 

@@ -145,6 +145,7 @@ def test_split_is_deterministic_and_disjoint():
         ({"crop_ratios": (1, 1, 1)}, "crop_ratios"),
         ({"crop_ratios": (0, 0, 0, 0)}, "crop_ratios"),
         ({"gamma_prob": 1.5}, "gamma_prob"),
+        ({"bias_field_prob": -0.1}, "bias_field_prob"),
     ],
 )
 def test_ill_data_config(kwargs, match):
@@ -228,3 +229,57 @@ def test_gamma_augmentation_commutes_with_the_scanner_affine():
         outs.append((aug({"image": s * x + b})["image"] - b) / s)
     assert not torch.allclose(outs[0], x, rtol=1e-3)  # it did change the contrast
     assert torch.allclose(outs[0], outs[1], rtol=1e-3, atol=1e-2)
+
+
+def test_bias_field_augmentation_commutes_with_the_scanner_affine():
+    """The coil field acts on the signal above the crop's minimum, so a scanner's offset b does not change it."""
+    from shared.augment import offset_bias_field
+
+    rng = np.random.default_rng(3)
+    x = torch.as_tensor(rng.uniform(10, 500, (1, 12, 12, 12)).astype(np.float32))
+    outs = []
+    for s, b in ((1.0, 0.0), (4.0, -300.0), (0.25, 500.0)):
+        aug = offset_bias_field(prob=1.0)
+        aug.set_random_state(seed=7)
+        outs.append((aug({"image": s * x + b})["image"] - b) / s)
+    assert not torch.allclose(outs[0], x, rtol=1e-2)  # it did apply a field
+    for out in outs[1:]:
+        assert torch.allclose(outs[0], out, rtol=1e-3, atol=1e-2)
+    # a stock RandBiasFieldd on the raw intensities would not commute (the field scales b too)
+    from monai.transforms import RandBiasFieldd
+
+    raw = []
+    for s, b in ((1.0, 0.0), (4.0, -300.0)):
+        stock = RandBiasFieldd(keys="image", prob=1.0, coeff_range=(-0.1, 0.1), degree=3)
+        stock.set_random_state(seed=7)
+        raw.append((stock({"image": s * x + b})["image"] - b) / s)
+    assert not torch.allclose(raw[0], raw[1], rtol=1e-3, atol=1e-2)
+
+
+def test_training_chain_draws_the_same_crops_with_label_indices_precomputed(tiny_data_dir, tiny_data_config):
+    """Class indices are computed once per volume (in the cached head); the crops are those MONAI draws anyway."""
+    import copy
+
+    from monai import transforms as mt
+    from monai.transforms import RandomizableTrait
+
+    from shared.data import train_transforms
+
+    chain = train_transforms(tiny_data_config)
+    steps = chain.flatten().transforms
+    first_random = next(i for i, t in enumerate(steps) if isinstance(t, RandomizableTrait))
+    assert "ClassesToIndicesd" in [type(t).__name__ for t in steps[:first_random]]
+    # the same chain without the precomputed indices: the crop sampler computes them itself
+    plain = mt.Compose([copy.deepcopy(t) for t in steps if not isinstance(t, mt.ClassesToIndicesd)])
+    crop = next(t for t in plain.transforms if isinstance(t, mt.RandCropByLabelClassesd))
+    crop.indices_key = None
+    case = find_cases(tiny_data_dir / "site-a")[0]
+    item = {"image": case["image"], "label": case["label"]}
+    for seed in (0, 5):
+        chain.set_random_state(seed=seed)
+        plain.set_random_state(seed=seed)
+        ours, theirs = chain(dict(item)), plain(dict(item))
+        assert len(ours) == len(theirs) == tiny_data_config.samples_per_volume
+        for a, b in zip(ours, theirs):
+            assert "label_cls_indices" not in a
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
