@@ -6,11 +6,15 @@ noise (``server.report.invariance``). This module perturbs each training crop wi
 tolerate them. Each crop is mapped to [0, 1] first (min/max, per crop) and back afterwards: a gamma
 curve and a multiplicative field are defined on a non-negative signal, whatever the site's ``b``.
 Training only; evaluation and inference never see it, so the IN network's invariance is untouched.
+
+``OffsetBiasFieldd`` is the milder coil field of the default training chain (run config
+``bias-field-prob``, ``shared.data.train_transforms``), measured from each crop's minimum.
 """
 
 from __future__ import annotations
 
 import torch
+from monai.transforms import RandBiasFieldd
 
 __all__ = [
     "AUGMENT_GAMMA",
@@ -19,7 +23,7 @@ __all__ = [
     "AUGMENT_NOISE",
     "intensity_augmentation",
     "AugmentedLoader",
-    "offset_bias_field",
+    "OffsetBiasFieldd",
 ]
 
 AUGMENT_GAMMA = (0.5, 2.0)  # gamma range (the study's gamma site is 0.5)
@@ -79,24 +83,24 @@ class AugmentedLoader:
         return torch.stack(out).as_subclass(torch.Tensor)
 
 
-def offset_bias_field(keys: str = "image", prob: float = 0.3, coeff_range=BIAS_FIELD_COEFF):
+
+class OffsetBiasFieldd(RandBiasFieldd):
     """MONAI ``RandBiasFieldd`` applied to the signal above each crop's minimum: ``lo + (x - lo) * field``.
 
     A coil field multiplies the signal, not a scanner's offset ``b``; measured from the crop's own
     minimum the result commutes with ``s*x + b`` (``s > 0``), like the range-preserving gamma curve.
     Hospital-d's scanner has a 30 % field that instance norm cannot remove; its 5 training cases hold 5 fields.
     """
-    from monai.transforms import RandBiasFieldd
 
-    class OffsetBiasFieldd(RandBiasFieldd):
-        def __call__(self, data):
-            d = dict(data)
-            lows = {key: d[key].min() for key in self.key_iterator(d)}
-            for key, lo in lows.items():
-                d[key] = d[key] - lo
-            d = super().__call__(d)
-            for key, lo in lows.items():
-                d[key] = d[key] + lo
-            return d
+    def __init__(self, keys="image", prob: float = 0.3, coeff_range=BIAS_FIELD_COEFF, degree: int = 3) -> None:
+        super().__init__(keys=keys, prob=prob, coeff_range=coeff_range, degree=degree)
 
-    return OffsetBiasFieldd(keys=keys, prob=prob, coeff_range=coeff_range, degree=3)
+    def __call__(self, data):
+        d = dict(data)
+        lows = {key: d[key].min() for key in self.key_iterator(d)}
+        for key, lo in lows.items():
+            d[key] = d[key] - lo
+        d = super().__call__(d)
+        for key, lo in lows.items():
+            d[key] = d[key] + lo
+        return d

@@ -233,13 +233,13 @@ def test_gamma_augmentation_commutes_with_the_scanner_affine():
 
 def test_bias_field_augmentation_commutes_with_the_scanner_affine():
     """The coil field acts on the signal above the crop's minimum, so a scanner's offset b does not change it."""
-    from shared.augment import offset_bias_field
+    from shared.augment import OffsetBiasFieldd
 
     rng = np.random.default_rng(3)
     x = torch.as_tensor(rng.uniform(10, 500, (1, 12, 12, 12)).astype(np.float32))
     outs = []
     for s, b in ((1.0, 0.0), (4.0, -300.0), (0.25, 500.0)):
-        aug = offset_bias_field(prob=1.0)
+        aug = OffsetBiasFieldd(prob=1.0)
         aug.set_random_state(seed=7)
         outs.append((aug({"image": s * x + b})["image"] - b) / s)
     assert not torch.allclose(outs[0], x, rtol=1e-2)  # it did apply a field
