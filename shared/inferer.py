@@ -382,4 +382,6 @@ class SlidingWindowPredictor:
 
     def labels(self, image: torch.Tensor) -> torch.Tensor:
         """``uint8`` label map ``(X, Y, Z)`` on the CPU for a single image."""
-        return self.logits(image).argmax(1)[0].to(torch.uint8).cpu()
+        from shared.resample import class_argmax
+
+        return class_argmax(self.logits(image)[0]).cpu()

@@ -230,7 +230,9 @@ def predict_logits(
 
 def predict_labels(model: torch.nn.Module, image: torch.Tensor, roi_size, **kwargs) -> torch.Tensor:
     """Label map ``(X, Y, Z)`` (uint8) for a single ``(C, X, Y, Z)`` image."""
-    return predict_logits(model, image, roi_size, **kwargs).argmax(1)[0].to(torch.uint8).cpu()
+    from shared.resample import class_argmax
+
+    return class_argmax(predict_logits(model, image, roi_size, **kwargs)[0]).cpu()
 
 
 def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, roi_size, **kwargs) -> torch.Tensor:

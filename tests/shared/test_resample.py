@@ -6,6 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.ndimage import map_coordinates
 
 from shared.resample import probabilities_to_grid, voxel_spacing
@@ -246,3 +248,26 @@ def test_segmentation_labels_are_invariant_to_scanner_affines_through_the_fast_p
     general = [inference.segment_volume(model, (s * image + b).astype(np.float32), meta).labels for s, b in affines]
     for f, g in zip(fast, general):
         assert (f == g).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5), st.integers(0, 2**31 - 1), st.booleans())
+def test_class_argmax_is_torch_argmax_first_maximum_included(classes, seed, ties):
+    """Channel-by-channel argmax: the same labels as torch.argmax, ties going to the first maximum."""
+    from shared.resample import class_argmax
+
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 3, (classes, 5, 6, 7), generator=g).float() if ties else torch.randn(
+        classes, 5, 6, 7, generator=g)
+    labels = class_argmax(scores)
+    assert labels.dtype == torch.uint8 and labels.shape == scores.shape[1:]
+    assert torch.equal(labels.long(), scores.argmax(0))
+    batched = scores.unsqueeze(0)
+    assert torch.equal(class_argmax(batched, dim=1).long(), batched.argmax(1))
+
+
+def test_class_argmax_never_picks_a_nan_score():
+    from shared.resample import class_argmax
+
+    scores = torch.tensor([[0.2, 0.1], [float("nan"), 0.9], [0.1, 0.3]]).reshape(3, 2, 1, 1)
+    assert class_argmax(scores).flatten().tolist() == [0, 1]
