@@ -21,8 +21,8 @@ from .helpers import Tracker, tiny_config
 pytestmark = pytest.mark.slow
 
 SITES = ["site-a", "site-b"]
-ROUNDS = 4
-KILL_AFTER = 3
+ROUNDS = 5
+KILL_AFTER = 3  # the round after next is surely dispatched after the kill (the log is followed every 0.5 s)
 
 
 def worker_pids(flwr_home: Path) -> set[int]:
@@ -115,11 +115,17 @@ def test_a_killed_worker_costs_no_round(runs):
     native, _, seen = runs
     assert seen["killed"] and 0 not in seen["killed"]  # the workers were found and killed after round 3
     train, dice = per_round(native.log_path)
-    assert sorted(train[ROUNDS]) == SITES  # round 4: every site answered (a new worker, or in its own process)
+    for k in range(KILL_AFTER + 1, ROUNDS + 1):  # no round lost: every site answered every later round
+        assert sorted(train[k]) == SITES, k
+        assert sorted(dice[k]) == SITES, k
     for site in SITES:
-        assert train[ROUNDS][site]["worker_pid"] not in seen["killed"]
-        assert train[ROUNDS][site]["worker_started"] == 1 or train[ROUNDS][site]["worker_fallback"] == 1
-    assert sorted(dice[ROUNDS]) == SITES
+        # Round 4's message may reach the old worker before the kill lands (the run log is only followed every
+        # 0.5 s); the first round served by another worker started it (or the site worked in its own process).
+        later = [train[k][site] for k in range(KILL_AFTER + 1, ROUNDS + 1)]
+        fresh = [t for t in later if t["worker_pid"] not in seen["killed"]]
+        assert fresh, f"{site}: every round after the kill was served by a killed worker"
+        assert fresh[0]["worker_started"] == 1 or fresh[0]["worker_fallback"] == 1
+        assert later[-1]["worker_pid"] not in seen["killed"]
 
 
 def test_native_with_workers_gives_the_simulations_dice_every_round(runs):
