@@ -48,6 +48,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="append the JSON lines to this file")
     args = p.parse_args()
+    if args.res_units and not args.input_norm:
+        p.error("--res-units needs --input-norm: residual units carry the raw input past the first instance norm")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

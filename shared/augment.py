@@ -83,7 +83,6 @@ class AugmentedLoader:
         return torch.stack(out).as_subclass(torch.Tensor)
 
 
-
 class OffsetBiasFieldd(RandBiasFieldd):
     """MONAI ``RandBiasFieldd`` applied to the signal above each crop's minimum: ``lo + (x - lo) * field``.
 
