@@ -55,6 +55,11 @@ class DataConfig:
         bias_field_prob: chance of a random smooth multiplicative field on the signal above each
             crop's minimum (``shared.augment.OffsetBiasFieldd``; commutes with ``s*x+b``): hospital-d's
             coil field; 0 (default) turns it off.
+        spatial_prob: chance of a random rotation (up to ``SPATIAL_ROTATE`` rad about each axis) and
+            scaling (``SPATIAL_SCALE``) of each crop (MONAI ``RandAffined``, nnU-Net's spatial
+            augmentation): a site holds a handful of lesions, and without it the network sees the
+            same few shapes in the same poses. Crops are then cut ``SPATIAL_MARGIN`` larger and
+            resampled to ``roi_size`` so rotated corners hold image, not padding; 0 (default) turns it off.
     """
 
     spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
@@ -67,6 +72,7 @@ class DataConfig:
     crop_ratios: tuple[float, ...] = field(default=(1.0, 1.0, 1.0, 6.0))
     gamma_prob: float = 0.3
     bias_field_prob: float = 0.0
+    spatial_prob: float = 0.0
 
     def __post_init__(self) -> None:
         self.spacing = tuple(float(v) for v in self.spacing)
@@ -82,7 +88,7 @@ class DataConfig:
             raise ValueError(
                 f"crop_ratios must be {NUM_CLASSES} non-negative numbers, not all 0, got {self.crop_ratios}"
             )
-        for name in ("gamma_prob", "bias_field_prob"):
+        for name in ("gamma_prob", "bias_field_prob", "spatial_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:
@@ -171,6 +177,9 @@ def preprocess_transforms(cfg: DataConfig, keys: tuple[str, ...] = ("image", "la
 
 
 _INDICES_POSTFIX = "_cls_indices"
+SPATIAL_ROTATE = 0.26  # rad (15 degrees) about each axis
+SPATIAL_SCALE = 0.15  # zoom factor in 1 +- 0.15
+SPATIAL_MARGIN = 1.25  # crop side before RandAffined, relative to roi_size
 
 
 def train_transforms(cfg: DataConfig):
@@ -178,25 +187,32 @@ def train_transforms(cfg: DataConfig):
 
     from shared.augment import OffsetBiasFieldd
 
+    spatial = cfg.spatial_prob > 0
+    crop = tuple(int(round(r * SPATIAL_MARGIN)) for r in cfg.roi_size) if spatial else cfg.roi_size
     return mt.Compose(
         preprocess_transforms(cfg)
         + [
-            mt.SpatialPadd(keys=("image", "label"), spatial_size=cfg.roi_size, mode="replicate"),
+            mt.SpatialPadd(keys=("image", "label"), spatial_size=crop, mode="replicate"),
             # Each class's voxel indices, once per volume (cached with it): the crop sampler would
             # otherwise recompute them on every draw (loader time per demo step 45 -> 34 ms).
             mt.ClassesToIndicesd(keys="label", num_classes=NUM_CLASSES, indices_postfix=_INDICES_POSTFIX),
             mt.RandCropByLabelClassesd(
                 keys=("image", "label"),
                 label_key="label",
-                spatial_size=cfg.roi_size,
+                spatial_size=crop,
                 num_classes=NUM_CLASSES,
                 ratios=list(cfg.crop_ratios),
                 num_samples=cfg.samples_per_volume,
                 indices_key="label" + _INDICES_POSTFIX,
                 warn=False,
             ),
-            mt.RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=0),
         ]
+        # Rotated and scaled about the crop's centre (the sampled class voxel) and cut to roi_size; without
+        # the draw it is a plain centre crop. Border padding: training only, never the inference path.
+        + ([mt.RandAffined(keys=("image", "label"), prob=cfg.spatial_prob, spatial_size=cfg.roi_size,
+                           rotate_range=(SPATIAL_ROTATE,) * 3, scale_range=(SPATIAL_SCALE,) * 3,
+                           mode=("bilinear", "nearest"), padding_mode="border")] if spatial else [])
+        + [mt.RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=0)]
         + ([mt.RandAdjustContrastd(keys="image", prob=cfg.gamma_prob, gamma=(0.7, 1.5))] if cfg.gamma_prob > 0 else [])
         + ([OffsetBiasFieldd("image", prob=cfg.bias_field_prob)] if cfg.bias_field_prob > 0 else [])
     )

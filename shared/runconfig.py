@@ -161,6 +161,9 @@ class RunConfig(BaseModel):
     bias_field_prob: float = _field(
         DataConfig.bias_field_prob, "chance of a random smooth bias field (above the crop's minimum) per crop", "data",
         ge=0, le=1)
+    spatial_prob: float = _field(
+        DataConfig.spatial_prob, "chance of a random rotation (15 deg) and scaling (15 %) per crop", "data",
+        ge=0, le=1)
     # Optimiser
     lr: float = _field(0.001, "client Adam learning rate", "train", gt=0)
     lr_schedule: Schedule = _field(
@@ -280,6 +283,7 @@ class RunConfig(BaseModel):
             crop_ratios=self.crop_ratios,
             gamma_prob=self.gamma_prob,
             bias_field_prob=self.bias_field_prob,
+            spatial_prob=self.spatial_prob,
             zscore=self.zscore,
         )
 

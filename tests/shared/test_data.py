@@ -146,6 +146,7 @@ def test_split_is_deterministic_and_disjoint():
         ({"crop_ratios": (0, 0, 0, 0)}, "crop_ratios"),
         ({"gamma_prob": 1.5}, "gamma_prob"),
         ({"bias_field_prob": -0.1}, "bias_field_prob"),
+        ({"spatial_prob": 2}, "spatial_prob"),
     ],
 )
 def test_ill_data_config(kwargs, match):
@@ -283,3 +284,17 @@ def test_training_chain_draws_the_same_crops_with_label_indices_precomputed(tiny
         for a, b in zip(ours, theirs):
             assert "label_cls_indices" not in a
             assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+def test_spatial_augmentation_rotates_crops_to_roi_size_with_whole_labels(tiny_data_dir, tiny_data_config):
+    """``spatial_prob``: crops cut larger, rotated/scaled and brought to roi_size; labels stay whole classes."""
+    from dataclasses import replace
+
+    cases = find_cases(tiny_data_dir / "site-b")
+    plain = next(iter(make_train_loader(cases, tiny_data_config, seed=3)))
+    spun = next(iter(make_train_loader(cases, replace(tiny_data_config, spatial_prob=1.0), seed=3)))
+    assert spun["image"].shape == plain["image"].shape == (4, 1, 32, 32, 32)
+    assert spun["label"].shape == plain["label"].shape
+    labels = torch.unique(spun["label"])
+    assert set(labels.tolist()) <= {0, 1, 2, 3} and labels.max() >= 1  # nearest neighbour: no blended labels
+    assert not torch.equal(spun["image"], plain["image"])

@@ -36,7 +36,7 @@ from server.api.inference import (
 from server.api.memory import release_free_memory
 from server.api.ood import assess_upload, ood_headers
 from server.api.schemas import ErrorResponse, SegmentSummary
-from server.api.upload import UPLOAD_FIELD, inspect_upload, open_upload, receive_upload
+from server.api.upload import UPLOAD_FIELD, Received, header_check, inspect_upload, open_upload, receive_upload
 
 log = logging.getLogger("fedmri.api")
 
@@ -99,14 +99,15 @@ def _resolve(store: ModelStore, version: str | None) -> ServedModel:
         raise HTTPException(code, detail) from None
 
 
-def _process(raw: Path, work_dir: Path, model: ServedModel, settings: ApiSettings, nifti: bool,
+def _process(received: Received, work_dir: Path, model: ServedModel, settings: ApiSettings, nifti: bool,
              preview: bool) -> _Outcome:
     """Blocking part of a request (runs in a worker thread): read, segment, encode."""
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)  # OpenMP's thread count is per calling thread
     start = time.perf_counter()
     try:
-        image, meta = open_upload(raw, work_dir, settings.max_voxels, _grid_check(settings, model))
+        image, meta = open_upload(received.raw, work_dir, settings.max_voxels, _grid_check(settings, model),
+                                  inflated=received.inflated)
         read_s = time.perf_counter() - start
         seg = segment_volume(model, image, meta, overlap=settings.sw_overlap, sw_batch_size=settings.sw_batch_size,
                              precision=settings.inference_precision, device=settings.device)
@@ -145,12 +146,14 @@ async def _segment(request: Request, settings: ApiSettings, store: ModelStore, v
     work_dir = Path(tempfile.mkdtemp(prefix="fedmri-upload-", dir=settings.upload_dir))
     try:
         model = await run_in_threadpool(_resolve, store, version)
-        raw = work_dir / "upload"
-        size = await receive_upload(request, raw, settings.max_upload_bytes)
+        # A .gz is inflated and its header checked while it arrives (server/api/upload.py).
+        received = await receive_upload(request, work_dir / "upload", settings.max_upload_bytes,
+                                        header_check(settings.max_voxels, _grid_check(settings, model)))
         upload_s = time.perf_counter() - started
-        await run_in_threadpool(inspect_upload, raw, settings.max_voxels, _grid_check(settings, model))
+        if received.inflated is None:
+            await run_in_threadpool(inspect_upload, received.raw, settings.max_voxels, _grid_check(settings, model))
         outcome = await anyio.to_thread.run_sync(
-            partial(_process, raw, work_dir, model, settings, nifti, preview),
+            partial(_process, received, work_dir, model, settings, nifti, preview),
             limiter=request.app.state.inference_limiter,
         )
         done = True
@@ -160,7 +163,7 @@ async def _segment(request: Request, settings: ApiSettings, store: ModelStore, v
     outcome.timings = {"upload_s": upload_s, **outcome.timings, "total_s": time.perf_counter() - started}
     # Sizes, model and timings only: no file name or header text from the upload.
     log.info("segmented %d-byte upload (%d voxels) with model %s in %.2fs",
-             size, outcome.seg.labels.size, model.version, outcome.timings["total_s"])
+             received.size, outcome.seg.labels.size, model.version, outcome.timings["total_s"])
     return outcome
 
 

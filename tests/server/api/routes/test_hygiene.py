@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
 
 import numpy as np
@@ -74,16 +75,19 @@ def test_temporary_files_are_deleted(client, upload_dir, nifti_bytes, phantom, m
     seen = []
     real_open_upload = segment_route.open_upload
 
-    def spy(raw, work_dir, *args):
+    def spy(raw, work_dir, *args, **kwargs):
         seen.append(sorted(p.name for p in work_dir.iterdir()))  # the upload is on disk while it is read
-        return real_open_upload(raw, work_dir, *args)
+        return real_open_upload(raw, work_dir, *args, **kwargs)
 
     monkeypatch.setattr(segment_route, "open_upload", spy)
     good = nifti_bytes(phantom(), np.eye(4))
     assert client.post("/v1/segment", files={"file": ("a.nii.gz", good)}).status_code == 200
     assert client.post("/v1/segment/summary?preview=true", files={"file": ("a.nii.gz", good)}).status_code == 200
     assert client.post("/v1/segment", files={"file": ("a.nii.gz", good[:300])}).status_code == 422
-    assert seen == [["upload"], ["upload"], ["upload"]]
+    assert client.post("/v1/segment", files={"file": ("a.nii", gzip.decompress(good))}).status_code == 200
+    # A .gz is inflated while it arrives (the compressed copy is gone once it is); the truncated one is
+    # refused before the pipeline; a plain .nii is read as sent.
+    assert seen == [["volume.nii"], ["volume.nii"], ["upload"]]
     assert list(upload_dir.iterdir()) == []
 
 
