@@ -47,6 +47,7 @@ def main() -> int:
     p.add_argument("--roi", type=int, default=48)
     p.add_argument("--bias-field-prob", type=float, default=0.0)
     p.add_argument("--spatial-prob", type=float, default=0.0)
+    p.add_argument("--lesion-paste-prob", type=float, default=0.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="append the JSON lines to this file")
     args = p.parse_args()
@@ -57,7 +58,7 @@ def main() -> int:
     torch.manual_seed(0)
     channels = tuple(int(c) for c in args.channels.split(","))
     cfg = DataConfig(roi_size=(args.roi,) * 3, samples_per_volume=4, bias_field_prob=args.bias_field_prob,
-                     spatial_prob=args.spatial_prob)
+                     spatial_prob=args.spatial_prob, lesion_paste_prob=args.lesion_paste_prob)
     sites = [load_site(s, cfg, with_test=True) for s in discover_sites(args.data)]
     loader = make_train_loader([c for s in sites for c in s.train], cfg)
     net = build_unet(channels=channels, strides=(2,) * (len(channels) - 1), num_res_units=args.res_units)

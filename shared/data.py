@@ -60,6 +60,9 @@ class DataConfig:
             augmentation): a site holds a handful of lesions, and without it the network sees the
             same few shapes in the same poses. Crops are then cut ``SPATIAL_MARGIN`` larger and
             resampled to ``roi_size`` so rotated corners hold image, not padding; 0 (default) turns it off.
+        lesion_paste_prob: chance per volume draw that a lesion of this site's training volumes (its own
+            or another's) is copied to 1-2 random places in its white matter before the crops are drawn
+            (``shared.augment.PasteLesiond``); 0 turns it off.
     """
 
     spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
@@ -73,6 +76,7 @@ class DataConfig:
     gamma_prob: float = 0.3
     bias_field_prob: float = 0.0
     spatial_prob: float = 0.0
+    lesion_paste_prob: float = 0.0
 
     def __post_init__(self) -> None:
         self.spacing = tuple(float(v) for v in self.spacing)
@@ -88,7 +92,7 @@ class DataConfig:
             raise ValueError(
                 f"crop_ratios must be {NUM_CLASSES} non-negative numbers, not all 0, got {self.crop_ratios}"
             )
-        for name in ("gamma_prob", "bias_field_prob", "spatial_prob"):
+        for name in ("gamma_prob", "bias_field_prob", "spatial_prob", "lesion_paste_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:
@@ -185,7 +189,7 @@ SPATIAL_MARGIN = 1.25  # crop side before RandAffined, relative to roi_size
 def train_transforms(cfg: DataConfig):
     from monai import transforms as mt
 
-    from shared.augment import OffsetBiasFieldd
+    from shared.augment import OffsetBiasFieldd, PasteLesiond
 
     spatial = cfg.spatial_prob > 0
     crop = tuple(int(round(r * SPATIAL_MARGIN)) for r in cfg.roi_size) if spatial else cfg.roi_size
@@ -196,6 +200,10 @@ def train_transforms(cfg: DataConfig):
             # Each class's voxel indices, once per volume (cached with it): the crop sampler would
             # otherwise recompute them on every draw (loader time per demo step 45 -> 34 ms).
             mt.ClassesToIndicesd(keys="label", num_classes=NUM_CLASSES, indices_postfix=_INDICES_POSTFIX),
+        ]
+        + ([PasteLesiond(prob=cfg.lesion_paste_prob, indices_key="label" + _INDICES_POSTFIX)]
+           if cfg.lesion_paste_prob > 0 else [])
+        + [
             mt.RandCropByLabelClassesd(
                 keys=("image", "label"),
                 label_key="label",
@@ -255,6 +263,16 @@ def _dataset(data: list[dict], transform, cfg: DataConfig):
     return md.CacheDataset(data, transform, cache_rate=1.0, num_workers=0, progress=False)
 
 
+def _bank_lesions(ds, transform) -> None:
+    """Give the chain's ``PasteLesiond`` the lesions of all of this site's cached training volumes."""
+    from shared.augment import PasteLesiond
+
+    cached = getattr(ds, "_cache", None)
+    for step in transform.flatten().transforms:
+        if isinstance(step, PasteLesiond) and cached:
+            step.collect(cached)
+
+
 def make_train_loader(cases: list[dict], cfg: DataConfig, seed: int = 0):
     """A shuffling MONAI DataLoader of random labelled crops; its random streams come from ``seed`` alone."""
     import monai.data as md
@@ -265,6 +283,7 @@ def make_train_loader(cases: list[dict], cfg: DataConfig, seed: int = 0):
     transform = train_transforms(cfg)
     data = [{"image": c["image"], "label": c["label"]} for c in cases]
     ds = _dataset(data, transform, cfg)
+    _bank_lesions(ds, transform)
     generator = torch.Generator().manual_seed(seed)
     loader = md.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=0, generator=generator)
     reseed_loader(loader, seed)

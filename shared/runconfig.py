@@ -164,6 +164,9 @@ class RunConfig(BaseModel):
     spatial_prob: float = _field(
         DataConfig.spatial_prob, "chance of a random rotation (15 deg) and scaling (15 %) per crop", "data",
         ge=0, le=1)
+    lesion_paste_prob: float = _field(
+        DataConfig.lesion_paste_prob, "chance per volume draw of copying its lesion to 1-2 white-matter places",
+        "data", ge=0, le=1)
     # Optimiser
     lr: float = _field(0.001, "client Adam learning rate", "train", gt=0)
     lr_schedule: Schedule = _field(
@@ -284,6 +287,7 @@ class RunConfig(BaseModel):
             gamma_prob=self.gamma_prob,
             bias_field_prob=self.bias_field_prob,
             spatial_prob=self.spatial_prob,
+            lesion_paste_prob=self.lesion_paste_prob,
             zscore=self.zscore,
         )
 
