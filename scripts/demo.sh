@@ -18,7 +18,7 @@ fedmri generate --out "$data"                                # 4 hospitals, MNI1
 run="demo-$(date -u +%Y%m%d-%H%M%S)"
 fedmri federate --mode simulation --data "$data" --out "$runs" --run-name "$run" \
   --rounds 14 --local-epochs 40 --max-steps 44 --lr 0.003 \
-  --roi-size 48,48,48 --samples-per-volume 4 --bias-field-prob 0.3 \
+  --roi-size 48,48,48 --samples-per-volume 4 --bias-field-prob 0.3 --lesion-paste-prob 1.0 \
   --select-checkpoint best-val                               # serve the round with the best validation Dice
 fedmri report --data "$data" --registry "$runs/registry" --out "$runs/reports"
 echo "Report: $runs/reports/<model version>/report.html"
