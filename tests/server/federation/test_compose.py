@@ -131,8 +131,14 @@ def test_federate_submits_to_the_compose_superlink_with_the_demo_settings(compos
     args = parse_cli(shell_command(federate), env)
     assert (args.command, args.mode, args.superlink, args.out) == ("federate", "native", "superlink:9093", "/runs")
     assert args.sites == SITES
-    rounds = getattr(args, "rounds", None) or args.num_server_rounds  # flag --rounds, run-config num-server-rounds
-    assert (rounds, args.local_epochs, args.lr) == (15, 2, 0.003)  # scripts/demo.sh's settings
+    # scripts/demo.sh's recipe, flag for flag: only where it runs and what it is called differ
+    demo = re.search(r"^fedmri federate .*?(?<!\\)\n", (ROOT / "scripts" / "demo.sh").read_text(), re.M | re.S)
+    script = re.sub(r"#[^\n]*", "", demo.group(0)).replace("\\\n", " ")
+    demo_args = parse_cli("exec " + script, {"data": "data", "runs": "runs", "run": "demo"})
+    where = {"mode", "superlink", "data", "out", "run_name", "sites"}
+    recipe = {k: v for k, v in vars(args).items() if k not in where}
+    assert recipe == {k: v for k, v in vars(demo_args).items() if k not in where}
+    assert recipe["max_steps"] == 44 and recipe["lesion_paste_prob"] == 1.0  # the parse saw the whole command
     assert federate["volumes"] == ["runs:/runs"]  # where the ServerApp writes: the submitter follows its run log
     assert depends(federate) == {
         "superlink": "service_healthy",
