@@ -70,7 +70,8 @@ def add_run_config_args(
             if extra.get("cli") != group:
                 continue
             flags = [f"--{info.alias}", *extra.get("flags", [])]
-            help_text = f"{info.description} (default: {shown[info.alias]})"
+            # argparse %-formats help strings: a literal "%" in a description must be doubled
+            help_text = f"{info.description} (default: {shown[info.alias]})".replace("%", "%%")
             if info.annotation is bool:
                 g.add_argument(
                     *flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
