@@ -229,8 +229,8 @@ async def receive_upload(request: Request, dest: Path, max_bytes: int,
                     parser.write(chunk)
                     if part.too_large:
                         raise _too_large(max_bytes)
-                    if inflation is None and validate is not None and len(part.magic) == len(GZIP_MAGIC) \
-                            and part.magic == GZIP_MAGIC and not part.duplicate:
+                    if inflation is None and validate is not None and part.magic == GZIP_MAGIC \
+                            and not part.duplicate:
                         inflation = _Inflation(dest, validate)
                     if inflation is not None:
                         out.flush()  # the inflater reads the file, not this buffer
@@ -240,9 +240,6 @@ async def receive_upload(request: Request, dest: Path, max_bytes: int,
                 raise HTTPException(status.HTTP_400_BAD_REQUEST, "malformed multipart/form-data body") from None
             except ClientDisconnect:  # nobody to answer; the caller still deletes what arrived
                 raise HTTPException(status.HTTP_400_BAD_REQUEST, "client disconnected during the upload") from None
-            if inflation is not None:
-                out.flush()
-                inflation.follower.grow_to(part.size)
         if not part.found:
             got = ", ".join(repr(n) for n in part.other_fields[:5]) or "none"
             raise HTTPException(
