@@ -5,6 +5,9 @@
    worker processes (build the network, load the global weights, train the same epochs, evaluate), both
    after warm-up (data cached). Both run 2 sites at a time in one-thread processes (the simulation's
    2 one-CPU clients on 2 cores). Ratio = federated round / bare round; goal <= 1.10.
+   With ``--demo-rounds N`` the same comparison runs again on the demo's own work: the 4 demo sites
+   (``fedmri generate``, 2 mm) and ``scripts/demo.sh``'s federate flags (read from the script with the
+   CLI's parser), N rounds; Flower's cost per round is about fixed, so this is its share of a real round.
 2. Scaling: simulation with 3, 10 and 30 sites (virtual SuperNodes; sites beyond the three real
    tiny ones are links to them): wall time of the whole ``run_federation`` call and peak memory
    (sum of RSS over every process of the federation: SuperLink, simulation runtime, Ray workers).
@@ -20,6 +23,8 @@ import json
 import multiprocessing
 import os
 import platform
+import re
+import shlex
 import shutil
 import statistics
 import sys
@@ -35,7 +40,7 @@ from shared.data import make_train_loader
 from shared.model import build_unet
 from shared.runconfig import RunConfig
 from shared.scanner import ScannerProfile
-from shared.synth import SiteSpec, generate_sites
+from shared.synth import DEMO_SITES, SiteSpec, generate_sites
 from shared.training import evaluate, load_site, train_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +128,38 @@ def _site_round(task: tuple) -> tuple[int, dict]:
     return len(split.train), model.state_dict()
 
 
-def bare_rounds(data_dir: Path, run_config: dict, rounds: int, workers: int = 2) -> list[float]:
+def demo_recipe() -> dict:
+    """``scripts/demo.sh``'s ``fedmri federate`` flags as a run config, parsed by the real CLI parser."""
+    from server.cli import build_parser
+    from server.commands.options import run_config_from_args
+
+    text = (ROOT / "scripts" / "demo.sh").read_text()
+    command = re.search(r"^fedmri federate .*?(?<!\\)\n", text, re.M | re.S).group(0)
+    words = shlex.split(re.sub(r"#[^\n]*", "", command).replace("\\\n", " "))
+    words = [re.sub(r"\$\{?\w+\}?", "x", w) for w in words]  # $data, $runs, $run: where, not what
+    return run_config_from_args(build_parser().parse_args(words[1:]))
+
+
+def overhead_ratio(data: Path, site_dirs: list[str], run_config: dict, name: str) -> dict:
+    """Federated steady rounds (the first is warm-up) against the same rounds bare."""
+    fed = federated(data, data.parent / "runs", run_config, name)
+    fed_steady = fed["round_s"][1:]  # round 1 includes Ray start-up and data caching
+    bare = bare_rounds(site_dirs, run_config, run_config["num-server-rounds"] - 1)
+    fed_median, bare_median = statistics.median(fed_steady), statistics.median(bare)
+    return {
+        "rounds": run_config["num-server-rounds"],
+        "sites": len(site_dirs),
+        "federated_round_s": fed_steady,
+        "bare_round_s": bare,
+        "federated_first_round_s": fed["round_s"][0],
+        "federated_wall_s": fed["wall_s"],
+        "overhead_per_round_s": round(fed_median - bare_median, 3),
+        "ratio": fed_median / bare_median,
+        "goal": 1.10,
+    }
+
+
+def bare_rounds(site_dirs: list[str], run_config: dict, rounds: int, workers: int = 2) -> list[float]:
     """The federated work without Flower: per round every site trains and evaluates, ``workers`` at a
     time in one-thread processes (the simulation's 2 one-CPU clients), then a weighted average."""
     cfg = RunConfig.from_run_config(run_config)
@@ -135,7 +171,6 @@ def bare_rounds(data_dir: Path, run_config: dict, rounds: int, workers: int = 2)
     saved = {k: os.environ.get(k) for k in _ONE_THREAD}
     os.environ.update(_ONE_THREAD)
     try:
-        site_dirs = [str(data_dir / spec.name) for spec in SITES]
         pool = ctx.Pool(workers, initializer=_init_worker, initargs=(site_dirs, run_config))
     finally:
         for k, v in saved.items():
@@ -180,10 +215,19 @@ def link_sites(data_dir: Path, target: Path, n: int) -> Path:
     return target
 
 
+def overhead_row(work: str, o: dict) -> str:
+    f, b = o["federated_round_s"], o["bare_round_s"]
+    return (f"| {work} | {statistics.median(f):.2f} | {', '.join(f'{v:.2f}' for v in f)} | "
+            f"{statistics.median(b):.2f} | {', '.join(f'{v:.2f}' for v in b)} | {o['overhead_per_round_s']:+.2f} "
+            f"| **{o['ratio']:.3f}** |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=8, help="local epochs per round for the overhead ratio")
     parser.add_argument("--rounds", type=int, default=3, help="rounds for the overhead ratio (the first is warm-up)")
+    parser.add_argument("--demo-rounds", type=int, default=0,
+                        help="also compare on the demo's work (4 demo sites, demo.sh's recipe) over this many rounds")
     parser.add_argument("--scale", default="3,10,30", help="site counts for the scaling runs")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
@@ -195,25 +239,17 @@ def main() -> int:
 
     # 1. Overhead ratio.
     ratio_config = {**BASE_CONFIG, "num-server-rounds": args.rounds, "local-epochs": args.epochs}
-    fed = federated(data, work / "runs", ratio_config, "overhead")
-    fed_steady = fed["round_s"][1:]  # round 1 includes Ray start-up and data caching
-    bare = bare_rounds(data, ratio_config, args.rounds - 1)
-    overhead = {
-        "local_epochs": args.epochs,
-        "rounds": args.rounds,
-        "sites": len(SITES),
-        "federated_round_s": fed_steady,
-        "bare_round_s": bare,
-        "federated_first_round_s": fed["round_s"][0],
-        "federated_wall_s": fed["wall_s"],
-        "ratio": statistics.median(fed_steady) / statistics.median(bare),
-        "goal": 1.10,
-    }
-    print(
-        f"overhead: federated round {statistics.median(fed_steady):.2f}s vs bare {statistics.median(bare):.2f}s "
-        f"-> ratio {overhead['ratio']:.3f}",
-        flush=True,
-    )
+    overhead = overhead_ratio(data, [str(data / spec.name) for spec in SITES], ratio_config, "overhead")
+    overhead["local_epochs"] = args.epochs
+    print(f"overhead (tiny sites): {overhead}", flush=True)
+    overhead_demo = None
+    if args.demo_rounds:
+        demo_data = work / "demo" / "data"
+        demo_sites = [str(p) for p in generate_sites(demo_data, DEMO_SITES, seed=0)]
+        demo_config = {**demo_recipe(), "num-server-rounds": args.demo_rounds}
+        overhead_demo = overhead_ratio(demo_data, demo_sites, demo_config, "overhead-demo")
+        overhead_demo["run_config"] = demo_config
+        print(f"overhead (demo work): {overhead_demo}", flush=True)
 
     # 2. Scaling with the number of sites.
     scaling = []
@@ -242,6 +278,7 @@ def main() -> int:
         },
         "config": BASE_CONFIG,
         "overhead": overhead,
+        "overhead_demo": overhead_demo,
         "scaling": scaling,
     }
     out = Path(args.out)
@@ -256,17 +293,21 @@ def main() -> int:
         "",
         "## Flower overhead per round",
         "",
-        f"{len(SITES)} sites, {args.epochs} local epochs, simulation engine, after warm-up.",
+        "Simulation engine, steady rounds (after the warm-up round), against the same work bare "
+        "(2 one-thread worker processes).",
         "",
-        "| | median round (s) | rounds |",
-        "|---|---|---|",
-        f"| federated (Flower simulation) | {statistics.median(fed_steady):.2f}"
-        f" | {', '.join(f'{v:.2f}' for v in fed_steady)} |",
-        f"| bare (same work, 2 one-thread worker processes) | {statistics.median(bare):.2f}"
-        f" | {', '.join(f'{v:.2f}' for v in bare)} |",
+        "| work | federated round (s, median) | rounds | bare round (s, median) | rounds "
+        "| overhead per round (s) | ratio (goal <= 1.10) |",
+        "|---|---|---|---|---|---|---|",
+        overhead_row(f"tiny: {len(SITES)} 4 mm sites, {args.epochs} local epochs", overhead),
+    ]
+    if overhead_demo:
+        lines.append(overhead_row(f"demo: the 4 demo sites, scripts/demo.sh's recipe, "
+                                  f"{overhead_demo['rounds']} rounds", overhead_demo))
+    lines += [
         "",
-        f"**Ratio {overhead['ratio']:.3f}** (goal <= 1.10). First federated round (Ray start-up, data caching): "
-        f"{fed['round_s'][0]:.1f} s; whole run {fed['wall_s']:.1f} s.",
+        f"First federated round (tiny; Ray start-up, data caching): {overhead['federated_first_round_s']:.1f} s; "
+        f"whole run {overhead['federated_wall_s']:.1f} s.",
         "",
         "## Simulation scaling",
         "",
