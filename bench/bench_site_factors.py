@@ -81,7 +81,12 @@ def main() -> int:
     p.add_argument("--cases", type=int, default=12, help="test subjects per version (the first 3 are hospital-d's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--markdown-only", action="store_true", help="rewrite site_factors.md from site_factors.json")
     args = p.parse_args()
+    if args.markdown_only:
+        result = json.loads((Path(args.out) / "site_factors.json").read_text())
+        (Path(args.out) / "site_factors.md").write_text(markdown(result))
+        return 0
 
     torch.set_num_threads(args.threads)
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -149,8 +154,8 @@ def markdown(r: dict) -> str:
     ]
     for name, row in r["variants"].items():
         d = row.get("minus_hospital_d")
-        diff = "–" if d is None else f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
-        lines.append(f"| {name} | {row['tissue']:.3f} | {diff} |")
+        diff = "–" if d is None else f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+        lines.append(f"| {name} | {row['tissue']:.4f} | {diff} |")
     lines += ["", *(f"- {c}" for c in r["claims"]), ""]
     return "\n".join(lines)
 
