@@ -7,7 +7,7 @@
    2 one-CPU clients on 2 cores). Ratio = federated round / bare round; goal <= 1.10.
    With ``--demo-rounds N`` the same comparison runs again on the demo's own work: the 4 demo sites
    (``fedmri generate``, 2 mm) and ``scripts/demo.sh``'s federate flags (read from the script with the
-   CLI's parser), N rounds; Flower's cost per round is about fixed, so this is its share of a real round.
+   CLI's parser), N rounds: Flower's share of a real round.
 2. Scaling: simulation with 3, 10 and 30 sites (virtual SuperNodes; sites beyond the three real
    tiny ones are links to them): wall time of the whole ``run_federation`` call and peak memory
    (sum of RSS over every process of the federation: SuperLink, simulation runtime, Ray workers).

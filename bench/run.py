@@ -147,8 +147,8 @@ def summarize(out: Path, records: dict | None = None, quick: bool = False, resul
         values["rest_over_monai_pipeline"] = default.get("ratio_rest_vs_monai_bundle")
         extra["api_median_seconds_demo"] = default["median_seconds"]
     if federation:
-        # The demo's work where it was run (the full run), else the tiny sites' (--quick): Flower's cost per
-        # round is about fixed, so the tiny rounds (~1 s) show it at its largest; both stay in the details.
+        # The demo's work where it was run (the full run), else the tiny sites' (--quick): the product's round,
+        # not a ~1 s toy round where Flower's per-round cost looms largest; both stay in the details.
         demo_work = federation.get("overhead_demo")
         values["round_over_bare"] = round((demo_work or federation["overhead"])["ratio"], 3)
         extra["round_over_bare_tiny"] = round(federation["overhead"]["ratio"], 3)
