@@ -47,19 +47,16 @@ def variants(profile) -> dict:
 
 
 def pooled_model(data: Path, steps: int, cfg):
+    """The demo network trained on every demo site's training cases (``shared.training.train_on_sites``)."""
     import torch
 
-    from shared.data import make_train_loader
     from shared.model import build_unet
-    from shared.training import discover_sites, load_site, train_epochs
+    from shared.training import discover_sites, load_site, train_on_sites
 
-    torch.manual_seed(0)
-    sites = [load_site(s, cfg) for s in discover_sites(data)]
-    loader = make_train_loader([c for s in sites for c in s.train], cfg)
+    torch.manual_seed(0)  # the initial weights; train_on_sites seeds the crops
     net = build_unet()
-    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
-    train_epochs(net, loader, epochs=10**6, lr=3e-3, optimizer=optimizer, lr_schedule="poly",
-                 max_steps=steps, step_offset=0, total_steps=steps)
+    sites = [load_site(s, cfg) for s in discover_sites(data)]
+    train_on_sites(sites, net, cfg, epochs=10**6, lr=3e-3, lr_schedule="poly", max_steps=steps)
     return net.eval()
 
 
