@@ -37,6 +37,9 @@ class ApiSettings(BaseSettings):
             allows, spread evenly; identical labels, fewer oneDNN calls).
         inference_precision: ``fp32`` (MONAI's result), ``bf16`` (first conv float32) or ``auto``
             (bf16 where the processor has it natively); see ``shared.inferer``.
+        heap_retain_mib: freed heap memory (MiB of RSS above the lowest level after a trim) kept for the next
+            request; beyond it ``malloc_trim`` returns it to the OS. 0 trims after every request (its page
+            faults then cost the next 1 mm request ~0.05 s); see ``server.api.memory``.
         device: where the network runs: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``.
     """
 
@@ -60,6 +63,7 @@ class ApiSettings(BaseSettings):
     sw_overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
     sw_batch_size: int | None = Field(default=None, ge=1)
     inference_precision: str = Field(default="fp32", pattern=r"^(fp32|bf16|auto)$")
+    heap_retain_mib: int = Field(default=256, ge=0)
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
 
     @field_validator("api_key", "admin_key", "default_model", mode="before")

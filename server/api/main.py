@@ -22,6 +22,7 @@ from server.api.budget import AdmissionGate, LimitExceededError
 from server.api.config import ApiSettings
 from server.api.deps import get_settings, require_api_key
 from server.api.inference import ModelLoadError, ModelNotFoundError, ModelStore
+from server.api.memory import HeapTrimmer
 from server.api.routes import admin, health, models, pacs, report, segment, ui
 from server.api.routes.ui import STATIC_DIR, SWAGGER_DIR
 from shared.errors import InvalidVolumeError
@@ -48,6 +49,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.models = store
     app.state.inference_limiter = anyio.CapacityLimiter(settings.max_concurrent_inferences)
     app.state.admission = AdmissionGate(settings.max_concurrent_inferences, settings.max_queued_requests)
+    app.state.heap_trimmer = HeapTrimmer(settings.heap_retain_mib * 1024**2)
     yield
 
 

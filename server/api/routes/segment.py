@@ -33,7 +33,7 @@ from server.api.inference import (
     preview_slices,
     segment_volume,
 )
-from server.api.memory import release_free_memory
+from server.api.memory import HeapTrimmer
 from server.api.ood import assess_upload, ood_headers
 from server.api.schemas import ErrorResponse, SegmentSummary
 from server.api.upload import UPLOAD_FIELD, Received, header_check, inspect_upload, open_upload, receive_upload
@@ -99,8 +99,8 @@ def _resolve(store: ModelStore, version: str | None) -> ServedModel:
         raise HTTPException(code, detail) from None
 
 
-def _process(received: Received, work_dir: Path, model: ServedModel, settings: ApiSettings, nifti: bool,
-             preview: bool) -> _Outcome:
+def _process(received: Received, work_dir: Path, model: ServedModel, settings: ApiSettings, trimmer: HeapTrimmer,
+             nifti: bool, preview: bool) -> _Outcome:
     """Blocking part of a request (runs in a worker thread): read, segment, encode."""
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)  # OpenMP's thread count is per calling thread
@@ -115,7 +115,7 @@ def _process(received: Received, work_dir: Path, model: ServedModel, settings: A
         encoded = encode_segmentation(seg, work_dir) if nifti else None
         slices = preview_slices(seg) if preview else None
     finally:
-        release_free_memory()  # the intermediate volumes are freed by now; keep RSS flat
+        trimmer.after_request()  # the intermediate volumes are freed by now; keep RSS bounded
     timings = {"read_s": read_s, **seg.timings}
     timings["postprocess_s"] += time.perf_counter() - start
     return _Outcome(seg, encoded, slices, timings)
@@ -153,7 +153,7 @@ async def _segment(request: Request, settings: ApiSettings, store: ModelStore, v
         if received.inflated is None:
             await run_in_threadpool(inspect_upload, received.raw, settings.max_voxels, _grid_check(settings, model))
         outcome = await anyio.to_thread.run_sync(
-            partial(_process, received, work_dir, model, settings, nifti, preview),
+            partial(_process, received, work_dir, model, settings, request.app.state.heap_trimmer, nifti, preview),
             limiter=request.app.state.inference_limiter,
         )
         done = True

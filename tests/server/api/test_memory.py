@@ -1,0 +1,75 @@
+"""HeapTrimmer: freed heap goes back to the OS only beyond the retained allowance, and /v1/segment uses it."""
+
+from __future__ import annotations
+
+import ctypes.util
+import sys
+
+import numpy as np
+import pytest
+
+from server.api.memory import HeapTrimmer, rss_bytes
+
+glibc_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or ctypes.util.find_library("c") is None or rss_bytes() is None,
+    reason="malloc_trim and /proc/self/statm are glibc/Linux facts",
+)
+MIB = 1024**2
+
+
+def _fragmented_free_heap(total_mib: int) -> list[bytearray]:
+    """Free ``total_mib / 2`` MiB of small heap chunks between live ones, so free() alone cannot return them."""
+    chunks = [bytearray(b"\1" * (64 * 1024)) for _ in range(total_mib * 16)]
+    keep = chunks[1::2]
+    del chunks
+    return keep
+
+
+@glibc_only
+def test_trimmer_returns_free_heap_beyond_the_allowance():
+    trimmer = HeapTrimmer(retain=32 * MIB)
+    assert trimmer.after_request()  # the first call always trims: it sets the floor
+    floor = trimmer.floor
+    assert floor is not None and floor > 0
+    assert not trimmer.after_request()  # nothing piled up since
+
+    keep = _fragmented_free_heap(256)  # ~128 MiB freed inside the heap, ~128 MiB live
+    before = rss_bytes()
+    assert before > floor + trimmer.retain
+    assert trimmer.after_request()
+    assert rss_bytes() < before - 64 * MIB  # the freed half went back to the OS
+    assert trimmer.trims == 2
+    del keep
+
+
+@glibc_only
+def test_trimmer_keeps_free_heap_within_the_allowance():
+    trimmer = HeapTrimmer(retain=1024 * MIB)
+    trimmer.after_request()
+    keep = _fragmented_free_heap(128)
+    before = rss_bytes()
+    assert not trimmer.after_request()  # kept for the next request: no page faults to pay again
+    assert rss_bytes() > before - 16 * MIB
+    assert trimmer.trims == 1
+    del keep
+
+
+def test_zero_retain_trims_every_time():
+    trimmer = HeapTrimmer(retain=0)
+    results = [trimmer.after_request() for _ in range(3)]
+    # With procfs, RSS may stay exactly at the floor (no trim needed); otherwise every call trims.
+    assert trimmer.trims == sum(results) >= 1
+
+
+@pytest.mark.parametrize(("retain_mib", "expect_trims"), [(0, None), (1 << 20, 1)])
+def test_segment_requests_trim_per_the_setting(make_client, nifti_bytes, phantom, retain_mib, expect_trims):
+    client = make_client(heap_retain_mib=retain_mib)
+    content = nifti_bytes(phantom(), np.diag([2.0, 2.0, 2.0, 1.0]))
+    for _ in range(3):
+        assert client.post("/v1/segment", files={"file": ("scan.nii.gz", content)}).status_code == 200
+    trimmer = client.app.state.heap_trimmer
+    assert trimmer.retain == retain_mib * MIB
+    if expect_trims is None:  # retain 0: a trim whenever RSS is above the lowest trimmed level at all
+        assert trimmer.trims >= 1
+    else:
+        assert trimmer.trims == expect_trims
