@@ -21,13 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def behind_input_norm(net):
-    """``net`` behind an instance norm of its input: invariant to s*x+b whatever follows (residual units too)."""
-    import torch
-
-    return torch.nn.Sequential(torch.nn.InstanceNorm3d(1), net)
-
-
 def main() -> int:
     import numpy as np
     import torch
@@ -61,8 +54,8 @@ def main() -> int:
                      spatial_prob=args.spatial_prob, lesion_paste_prob=args.lesion_paste_prob)
     sites = [load_site(s, cfg, with_test=True) for s in discover_sites(args.data)]
     loader = make_train_loader([c for s in sites for c in s.train], cfg)
-    net = build_unet(channels=channels, strides=(2,) * (len(channels) - 1), num_res_units=args.res_units)
-    model = behind_input_norm(net) if args.input_norm else net
+    model = build_unet(channels=channels, strides=(2,) * (len(channels) - 1), num_res_units=args.res_units,
+                       input_norm=args.input_norm)  # the product's ModelConfig.input_norm
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     settings = {k: v for k, v in vars(args).items() if k not in ("data", "out")}
     settings["params"] = sum(p.numel() for p in model.parameters())

@@ -3,6 +3,8 @@
 For instance norm to cancel a scanner's ``s*x + b`` everything before the first IN must commute
 with that map: convolutions pad by replicate (zero padding is not shifted by ``b``) and no raw
 input may skip past the first IN (``num_res_units=0``; MONAI's residual units add the input back).
+With ``input_norm=True`` the input itself is instance-normalised first, so whatever follows is
+invariant, residual units included: the way to a larger network (``--res-units 2 --input-norm``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 from torch import nn
+from torch.nn import functional as F
 
 __all__ = ["NORMS", "ModelConfig", "build_unet", "norm_parameter_names", "split_norm_state", "count_parameters"]
 
@@ -27,7 +30,8 @@ class ModelConfig:
             ``"group"``.
         channels: feature channels per UNet level.
         strides: downsampling per level; ``len(strides) == len(channels) - 1``.
-        num_res_units: MONAI residual units per block; must stay 0 for affine invariance.
+        num_res_units: MONAI residual units per block; must stay 0 for affine invariance unless
+            ``input_norm`` is set.
         groups: groups for ``norm="group"`` (``groups == channels[0]`` would be instance norm).
         padding_mode: convolution padding; ``"replicate"`` or ``"reflect"`` keep invariance.
         in_channels: input channels (1: a single MRI contrast).
@@ -36,6 +40,9 @@ class ModelConfig:
         norm_affine: instance norm with learnable per-channel scale and offset (gamma, beta;
             ``affine=True``). Still invariant to ``s*x + b`` (they act after the normalisation); with
             FedBN they stay at each site: conditional instance norm, one (gamma, beta) set per site.
+        input_norm: instance-normalise the input volume (each window) before the first convolution.
+            No parameters, so state-dict keys stay MONAI's; makes residual units (and zero padding)
+            invariant to ``s*x + b`` too.
     """
 
     norm: str = "instance"
@@ -48,6 +55,7 @@ class ModelConfig:
     out_channels: int = 4
     dropout: float = 0.0
     norm_affine: bool = False
+    input_norm: bool = False
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
@@ -80,7 +88,7 @@ def build_unet(config: ModelConfig | None = None, **overrides) -> nn.Module:
     cfg = config or ModelConfig(**overrides)
     if config is not None and overrides:
         cfg = ModelConfig(**{**cfg.to_dict(), **overrides})
-    if cfg.norm == "instance" and (cfg.num_res_units > 0 or cfg.padding_mode == "zeros"):
+    if cfg.norm == "instance" and not cfg.input_norm and (cfg.num_res_units > 0 or cfg.padding_mode == "zeros"):
         warnings.warn(
             "instance-norm UNet with residual units or zero padding is not invariant to s*x+b",
             stacklevel=2,
@@ -101,7 +109,18 @@ def build_unet(config: ModelConfig | None = None, **overrides) -> nn.Module:
     for module in net.modules():
         if isinstance(module, nn.Conv3d):
             module.padding_mode = cfg.padding_mode
+    if cfg.input_norm:  # a hook, not a wrapper: state-dict keys, FedBN names and exports stay MONAI's
+        net.register_forward_pre_hook(_normalise_input)
     return net
+
+
+def _normalise_input(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of an ``input_norm`` network: instance norm of its input (module-level: picklable)."""
+    return (F.instance_norm(args[0], eps=INPUT_NORM_EPS), *args[1:])
+
+
+# Relative to the input's variance: the scanners' intensities span ~0.25-4x a 0-1000 reference range.
+INPUT_NORM_EPS = 1e-5
 
 
 def norm_parameter_names(model: nn.Module) -> set[str]:

@@ -148,6 +148,12 @@ class RunConfig(BaseModel):
         ModelConfig.norm_affine, "instance norm with learnable per-channel gamma, beta (local with --fedbn)", "model"
     )
     channels: IntList = _field(ModelConfig.channels, "UNet channels per level, e.g. 16,32,64,128", "model")
+    res_units: int = _field(
+        ModelConfig.num_res_units, "MONAI residual units per UNet block (more capacity; needs --input-norm with "
+        "instance norm)", "model", ge=0, le=4)
+    input_norm: bool = _field(
+        ModelConfig.input_norm, "instance-normalise each input window before the first convolution: keeps the "
+        "network invariant to s*x+b whatever follows (residual units too)", "model")
     # Preprocessing and sampling
     zscore: bool = _field(DataConfig.zscore, "z-score each input volume (ablation; IN does not need it)", "data")
     roi_size: IntList = _field(DataConfig.roi_size, "training crop and sliding window (voxels)", "data", ("--roi",))
@@ -244,6 +250,9 @@ class RunConfig(BaseModel):
     def _consistent(self) -> RunConfig:
         if self.sites and self.min_sites > len(self.sites):
             raise ValueError(f"'min-sites' = {self.min_sites} exceeds the {len(self.sites)} sites in 'sites'")
+        if self.norm == "instance" and self.res_units > 0 and not self.input_norm:
+            raise ValueError("'res-units' > 0 needs 'input-norm' = true: residual units carry the raw input past "
+                             "the first instance norm, so the model would not be invariant to s*x+b")
         self.network_config()  # the factories check the rest (roi >= 8, groups divide channels, ...)
         self.data_config()
         return self
@@ -275,6 +284,8 @@ class RunConfig(BaseModel):
             strides=(2,) * (len(self.channels) - 1),
             groups=self.groups,
             norm_affine=self.norm_affine,
+            num_res_units=self.res_units,
+            input_norm=self.input_norm,
         )
 
     def data_config(self) -> DataConfig:

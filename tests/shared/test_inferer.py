@@ -155,11 +155,13 @@ def test_automatic_windows_per_pass_gives_the_labels_of_two_per_pass():
     assert torch.allclose(two, auto, atol=1e-4)
 
 
-def test_openvino_backend_matches_torch_and_keeps_the_invariance(volume):
+@pytest.mark.parametrize("kwargs", [{}, {"num_res_units": 1, "input_norm": True}], ids=["unet", "input-norm-residual"])
+def test_openvino_backend_matches_torch_and_keeps_the_invariance(volume, kwargs):
     pytest.importorskip("openvino")  # installed with .[dev]; an optional backend for users
-    net = tiny_net()
+    net = tiny_net(**kwargs)
     reference = SlidingWindowPredictor(net, ROI).logits(volume)
-    predictor = SlidingWindowPredictor(tiny_net(), ROI, InferenceOptions(backend="openvino"))
+    # The input norm is a forward pre-hook: the conversion must trace it (else the invariance below fails).
+    predictor = SlidingWindowPredictor(tiny_net(**kwargs), ROI, InferenceOptions(backend="openvino"))
     fast = predictor.logits(volume)
     assert fast.shape == reference.shape and fast.dtype == torch.float32
     # Other kernels, other summation order: measured max |diff| 5e-4 on logits of O(0.1), labels 99.9993 %

@@ -114,3 +114,36 @@ def test_stock_monai_choices_break_invariance(volume, kwargs, why):
     agreement = label_agreement(random_net(norm="instance", **kwargs), volume)
     # Measured here: residual 0.19-0.63, zero padding 0.63-0.97.
     assert min(agreement) < 0.99, f"expected a visible change ({why}); got {agreement}"
+
+
+def test_input_norm_makes_residual_units_invariant(volume):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not invariant" warning for this configuration
+        torch.manual_seed(0)
+        net = build_unet(num_res_units=2, input_norm=True).eval()
+    agreement = label_agreement(net, volume)
+    assert min(agreement) >= 0.999, f"input-norm residual UNet label agreement {agreement}"
+    # Parameter-free: the same state-dict keys as the network without it (FedBN names, checkpoints).
+    assert set(net.state_dict()) == set(random_net(num_res_units=2).state_dict())
+
+
+def test_input_norm_survives_pickling_and_the_registry(tmp_path):
+    import pickle
+
+    from shared.data import DataConfig
+    from shared.registry import load_model, save_model
+
+    torch.manual_seed(0)
+    mcfg = ModelConfig(channels=(4, 8), strides=(2,), num_res_units=1, input_norm=True)
+    net = build_unet(mcfg).eval()
+    x = torch.randn(1, 1, 16, 16, 16) * 40 + 300
+    expected = net(x)
+    save_model(tmp_path, "v1", net.state_dict(), mcfg, DataConfig(), kind="pooled")
+    loaded, meta = load_model(tmp_path, "v1")
+    assert meta["model_config"]["input_norm"] is True
+    for other in (loaded.eval(), pickle.loads(pickle.dumps(net))):
+        torch.testing.assert_close(other(x), expected)
+    # Without the hook the same weights give another answer: the flag is what is restored.
+    plain = random_net(channels=(4, 8), strides=(2,), num_res_units=1)
+    plain.load_state_dict(net.state_dict())
+    assert not torch.allclose(plain(x), expected, atol=1e-3)

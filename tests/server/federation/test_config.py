@@ -47,6 +47,9 @@ def test_values_parse_to_typed_fields():
     assert cfg.channels == (8, 16, 32) and cfg.network_config().strides == (2, 2)
     assert cfg.spacing == (4.0, 4.0, 4.0) and cfg.fedbn is True
     assert cfg.sites == ("a", "b") and cfg.strategy == "fedprox"
+    bigger = RunConfig.from_run_config({"res-units": "2", "input-norm": "true", "channels": "16,32,64,128"})
+    net = bigger.network_config()
+    assert net.num_res_units == 2 and net.input_norm is True and net.channels == (16, 32, 64, 128)
 
 
 @pytest.mark.parametrize(
@@ -66,6 +69,8 @@ def test_values_parse_to_typed_fields():
         ({"fault-inject": "site-a:explode"}, "'fault-inject'"),
         ({"run-name": "../escape"}, "'run-name'"),
         ({"num-rounds": 3}, "unknown run config key"),
+        ({"res-units": 2}, "'res-units'.*'input-norm'"),
+        ({"res-units": -1}, "'res-units'"),
     ],
 )
 def test_bad_values_name_the_key(override, match):
