@@ -57,7 +57,7 @@ def pooled_model(data: Path, steps: int, cfg):
     net = build_unet()
     sites = [load_site(s, cfg) for s in discover_sites(data)]
     train_on_sites(sites, net, cfg, epochs=10**6, lr=3e-3, lr_schedule="poly", max_steps=steps)
-    return net.eval()
+    return net
 
 
 def main() -> int:
