@@ -11,7 +11,8 @@ Two models on the same 1 mm brain (MNI152 2009a grid, 197x233x189, ``shared.synt
 ``large_1mm`` (channels 16-128, roi 96, 1 mm grid: 27 windows) and ``demo`` (the default model:
 channels 8-64, roi 64, 2 mm grid). Variants: MONAI's ``sliding_window_inference`` as
 ``shared.training.predict_logits`` calls it, and ``shared.inferer.SlidingWindowPredictor`` with
-float32 / channels_last_3d / bf16 (first conv float32) / one window covering the volume.
+float32 / channels_last_3d / bf16 (first conv float32) / one window covering the volume / the optional
+OpenVINO and ONNX Runtime backends (where installed).
 Each variant's labels are compared with MONAI's (share of equal voxels); weights are random
 (timings do not depend on them; random logits sit nearer ties than a trained model's, so the
 agreement is a pessimistic figure).
@@ -44,6 +45,7 @@ from shared.inferer import (  # noqa: E402
     bf16_supported,
     covering_window,
     network_flops,
+    onnxruntime_available,
     openvino_available,
     window_plan,
 )
@@ -121,8 +123,10 @@ def variants(cfg: DataConfig, shape, quick: bool) -> dict[str, dict]:
         out["bf16"] = {"options": InferenceOptions(precision="bf16")}
         if not quick:
             out["bf16_channels_last"] = {"options": InferenceOptions(precision="bf16", channels_last=True)}
-    if openvino_available():  # the optional backend (pip install '.[openvino]')
+    if openvino_available():  # the optional backends (pip install '.[openvino]' / '.[onnxruntime]')
         out["openvino"] = {"options": InferenceOptions(backend="openvino")}
+    if onnxruntime_available():
+        out["onnxruntime"] = {"options": InferenceOptions(backend="onnxruntime")}
     window = covering_window(shape, cfg.roi_size, multiple=8)
     if window_plan(shape, window).windows < window_plan(shape, cfg.roi_size).windows:
         out["fp32_one_window"] = {"options": InferenceOptions(window=window)}
@@ -221,6 +225,8 @@ def invariance(name: str = "demo") -> dict:
         options["bf16"] = InferenceOptions(precision="bf16")
     if openvino_available():
         options["openvino"] = InferenceOptions(backend="openvino")
+    if onnxruntime_available():
+        options["onnxruntime"] = InferenceOptions(backend="onnxruntime")
     for key, option in options.items():
         predictor = SlidingWindowPredictor(net, dcfg.roi_size, option)
         base = predictor.labels(image)

@@ -22,7 +22,10 @@ gaussian blending, replicate padding so no zero enters before the first instance
   converted and compiled by OpenVINO's CPU plugin, float32 forced (its default on bf16-capable CPUs
   would be bf16), one compiled model per window-batch shape, each window centred first (see
   ``_centred``: OpenVINO alone broke the invariance to ``s*x+b``); labels equal to torch's on
-  >= 99.9 % of voxels (other kernels, other summation order).
+  >= 99.9 % of voxels (other kernels, other summation order);
+* ``backend="onnxruntime"`` (optional: ``pip install .[onnxruntime]``): the same, through an ONNX
+  export of the network (torch's TorchScript exporter) run by ONNX Runtime's CPU provider with every
+  graph optimisation; one session per window-batch shape, windows centred as for OpenVINO.
 
 The float32 path with the default window is MONAI's own result (same code path, to the bit
 except for inference mode); the others are measured against it in ``bench/bench_inference.py``
@@ -45,6 +48,7 @@ __all__ = [
     "BACKENDS",
     "PRECISIONS",
     "InferenceOptions",
+    "onnxruntime_available",
     "openvino_available",
     "SlidingWindowPredictor",
     "WindowPlan",
@@ -57,7 +61,8 @@ __all__ = [
 ]
 
 PRECISIONS = ("fp32", "bf16", "auto")
-BACKENDS = ("torch", "openvino")
+BACKENDS = ("torch", "openvino", "onnxruntime")
+EXPORTED_BACKENDS = ("openvino", "onnxruntime")  # float32 runtimes fed a converted network
 # Voxels of windows run through the network in one forward pass when ``sw_batch_size`` is None.
 WINDOW_PASS_VOXELS = 16 * 64**3
 
@@ -96,6 +101,13 @@ def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
+def onnxruntime_available() -> bool:
+    """Whether the optional ONNX Runtime (and ``onnx``, which torch's exporter needs) is installed."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
+
+
 def bf16_supported(device: torch.device | str = "cpu") -> bool:
     """Native bf16 arithmetic on ``device``: AVX512-BF16 or AMX on a CPU, ``is_bf16_supported`` on CUDA."""
     device = torch.device(device)
@@ -117,7 +129,8 @@ class InferenceOptions:
         precision: ``"fp32"``, ``"bf16"`` (body in bf16, first convolution in float32) or ``"auto"``.
         channels_last: run the network in ``channels_last_3d``.
         window: window size; ``None`` is the training crop. Each side is at least the crop's.
-        backend: ``"torch"`` or ``"openvino"`` (CPU, float32 only; needs the ``openvino`` package).
+        backend: ``"torch"``, ``"openvino"`` or ``"onnxruntime"`` (the last two: CPU, float32 only; each
+            needs its package).
     """
 
     overlap: float = 0.25
@@ -133,8 +146,10 @@ class InferenceOptions:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.backend == "openvino" and (self.precision != "fp32" or self.channels_last):
-            raise ValueError("the openvino backend runs float32 in its own layout: precision fp32, no channels_last")
+        if self.backend in EXPORTED_BACKENDS and (self.precision != "fp32" or self.channels_last):
+            raise ValueError(
+                f"the {self.backend} backend runs float32 in its own layout: precision fp32, no channels_last"
+            )
         if not 0 <= self.overlap < 1:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
         if self.sw_batch_size is not None and self.sw_batch_size < 1:
@@ -311,29 +326,54 @@ class SlidingWindowPredictor:
         if self.options.channels_last:
             network.to(memory_format=torch.channels_last_3d)
         network.eval()
-        self._compiled: dict[tuple[int, ...], object] = {}  # OpenVINO: window-batch shape -> infer request
+        # Exported backends: window-batch shape -> a function of a numpy window batch returning logits
+        self._compiled: dict[tuple[int, ...], object] = {}
         self._lock = threading.Lock()  # an infer request serves one call at a time (the API may share a predictor)
-        if self.options.backend == "openvino":
+        backend = self.options.backend
+        if backend in EXPORTED_BACKENDS:
             if self.device.type != "cpu":
-                raise ValueError("the openvino backend runs on the CPU")
-            if not openvino_available():
-                raise ValueError("backend 'openvino' needs the openvino package (pip install '.[openvino]')")
+                raise ValueError(f"the {backend} backend runs on the CPU")
+            if not (openvino_available() if backend == "openvino" else onnxruntime_available()):
+                raise ValueError(f"backend {backend!r} needs its package (pip install '.[{backend}]')")
 
-    def _openvino(self, window: torch.Tensor) -> torch.Tensor:
+    def _compile(self, shape: tuple[int, ...]):
+        threads = torch.get_num_threads()
+        with torch.inference_mode(False), torch.no_grad():  # converters trace; they cannot take inference tensors
+            example = torch.zeros(shape)
+            if self.options.backend == "openvino":
+                import openvino as ov
+
+                model = ov.convert_model(self.network, example_input=example)
+                config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
+                request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
+                return lambda x: next(iter(request.infer({0: x}).values()))
+            import io
+            import warnings
+
+            import onnxruntime as ort
+
+            buffer = io.BytesIO()
+            with warnings.catch_warnings():  # the exporter's notes on instance norm's training flag
+                warnings.simplefilter("ignore")
+                torch.onnx.export(self.network, (example,), buffer, dynamo=False, input_names=["window"])
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = threads
+        session_options.inter_op_num_threads = 1
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(buffer.getvalue(), session_options, providers=["CPUExecutionProvider"])
+        return lambda x: session.run(None, {"window": x})[0]
+
+    def _exported(self, window: torch.Tensor) -> torch.Tensor:
         shape = tuple(window.shape)
         with self._lock:
             if shape not in self._compiled:
-                import openvino as ov
-
-                model = ov.convert_model(self.network, example_input=torch.zeros(shape))
-                config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
-                self._compiled[shape] = ov.Core().compile_model(model, "CPU", config).create_infer_request()
-            out = self._compiled[shape].infer({0: _centred(window).numpy()})
-            return torch.from_numpy(next(iter(out.values())).copy())
+                self._compiled[shape] = self._compile(shape)
+            out = self._compiled[shape](_centred(window).numpy())
+            return torch.from_numpy(out.copy())
 
     def _predictor(self, window: torch.Tensor) -> torch.Tensor:
-        if self.options.backend == "openvino":
-            return self._openvino(window)
+        if self.options.backend in EXPORTED_BACKENDS:
+            return self._exported(window)
         if self.options.channels_last:
             window = window.contiguous(memory_format=torch.channels_last_3d)
         if self.precision != "bf16":

@@ -155,13 +155,14 @@ def test_automatic_windows_per_pass_gives_the_labels_of_two_per_pass():
     assert torch.allclose(two, auto, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
 @pytest.mark.parametrize("kwargs", [{}, {"num_res_units": 1, "input_norm": True}], ids=["unet", "input-norm-residual"])
-def test_openvino_backend_matches_torch_and_keeps_the_invariance(volume, kwargs):
-    pytest.importorskip("openvino")  # installed with .[dev]; an optional backend for users
+def test_exported_backend_matches_torch_and_keeps_the_invariance(volume, kwargs, backend):
+    pytest.importorskip(backend)  # installed with .[dev]; optional backends for users
     net = tiny_net(**kwargs)
     reference = SlidingWindowPredictor(net, ROI).logits(volume)
     # The input norm is a forward pre-hook: the conversion must trace it (else the invariance below fails).
-    predictor = SlidingWindowPredictor(tiny_net(**kwargs), ROI, InferenceOptions(backend="openvino"))
+    predictor = SlidingWindowPredictor(tiny_net(**kwargs), ROI, InferenceOptions(backend=backend))
     fast = predictor.logits(volume)
     assert fast.shape == reference.shape and fast.dtype == torch.float32
     # Other kernels, other summation order: measured max |diff| 5e-4 on logits of O(0.1), labels 99.9993 %
@@ -173,8 +174,10 @@ def test_openvino_backend_matches_torch_and_keeps_the_invariance(volume, kwargs)
     assert len(predictor._compiled) <= 2  # one compiled model per window-batch shape, reused across volumes
 
 
-def test_openvino_backend_refuses_what_it_cannot_do():
+def test_exported_backends_refuse_what_they_cannot_do():
     with pytest.raises(ValueError, match="precision fp32"):
         InferenceOptions(backend="openvino", precision="bf16")
+    with pytest.raises(ValueError, match="no channels_last"):
+        InferenceOptions(backend="onnxruntime", channels_last=True)
     with pytest.raises(ValueError, match="backend must be one of"):
         InferenceOptions(backend="onnx")
