@@ -64,15 +64,20 @@ def test_zero_retain_trims_whenever_rss_rose():
     del keep
 
 
-@pytest.mark.parametrize(("retain_mib", "expect_trims"), [(0, None), (1 << 20, 1)])
-def test_segment_requests_trim_per_the_setting(make_client, nifti_bytes, phantom, retain_mib, expect_trims):
+@pytest.mark.parametrize("retain_mib", [0, 1 << 20])
+def test_segment_requests_trim_per_the_setting(make_client, nifti_bytes, phantom, retain_mib):
     client = make_client(heap_retain_mib=retain_mib)
+    trimmer = client.app.state.heap_trimmer
+    assert trimmer.retain == retain_mib * MIB
+    decisions = []  # the real trimmer decides; this only records what it decided, request by request
+    decide = trimmer.after_request
+    trimmer.after_request = lambda: decisions.append(decide()) or decisions[-1]
     content = nifti_bytes(phantom(), np.diag([2.0, 2.0, 2.0, 1.0]))
     for _ in range(3):
         assert client.post("/v1/segment", files={"file": ("scan.nii.gz", content)}).status_code == 200
-    trimmer = client.app.state.heap_trimmer
-    assert trimmer.retain == retain_mib * MIB
-    if expect_trims is None:  # retain 0: a trim whenever RSS is above the lowest trimmed level at all
-        assert trimmer.trims >= 1
-    else:
-        assert trimmer.trims == expect_trims
+    bad = client.post("/v1/segment", files={"file": ("scan.nii.gz", b"not a volume")})
+    assert bad.status_code == 400 and "detail" in bad.json()  # bad input still reaches the trimmer
+    assert len(decisions) == 4  # once per request, the refused one included (its buffers are freed too)
+    assert decisions[0] and trimmer.trims == sum(decisions)  # the first sets the floor
+    if retain_mib:  # a terabyte's allowance: nothing after the first
+        assert decisions == [True, False, False, False]
