@@ -76,7 +76,7 @@ def test_segment_requests_trim_per_the_setting(make_client, nifti_bytes, phantom
     for _ in range(3):
         assert client.post("/v1/segment", files={"file": ("scan.nii.gz", content)}).status_code == 200
     bad = client.post("/v1/segment", files={"file": ("scan.nii.gz", b"not a volume")})
-    assert bad.status_code == 400 and "detail" in bad.json()  # bad input still reaches the trimmer
+    assert bad.status_code == 422 and "detail" in bad.json()  # bad input still reaches the trimmer
     assert len(decisions) == 4  # once per request, the refused one included (its buffers are freed too)
     assert decisions[0] and trimmer.trims == sum(decisions)  # the first sets the floor
     if retain_mib:  # a terabyte's allowance: nothing after the first
