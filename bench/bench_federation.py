@@ -128,16 +128,20 @@ def _site_round(task: tuple) -> tuple[int, dict]:
     return len(split.train), model.state_dict()
 
 
+def demo_federate_words() -> list[str]:
+    """``scripts/demo.sh``'s ``fedmri federate`` command as words (``$data``, ``$runs``, ``$run`` -> ``x``)."""
+    text = (ROOT / "scripts" / "demo.sh").read_text()
+    command = re.search(r"^fedmri federate .*?(?<!\\)\n", text, re.M | re.S).group(0)
+    words = shlex.split(re.sub(r"#[^\n]*", "", command).replace("\\\n", " "))
+    return [re.sub(r"\$\{?\w+\}?", "x", w) for w in words]  # where, not what
+
+
 def demo_recipe() -> dict:
     """``scripts/demo.sh``'s ``fedmri federate`` flags as a run config, parsed by the real CLI parser."""
     from server.cli import build_parser
     from server.commands.options import run_config_from_args
 
-    text = (ROOT / "scripts" / "demo.sh").read_text()
-    command = re.search(r"^fedmri federate .*?(?<!\\)\n", text, re.M | re.S).group(0)
-    words = shlex.split(re.sub(r"#[^\n]*", "", command).replace("\\\n", " "))
-    words = [re.sub(r"\$\{?\w+\}?", "x", w) for w in words]  # $data, $runs, $run: where, not what
-    return run_config_from_args(build_parser().parse_args(words[1:]))
+    return run_config_from_args(build_parser().parse_args(demo_federate_words()[1:]))
 
 
 def overhead_ratio(data: Path, site_dirs: list[str], run_config: dict, name: str) -> dict:
