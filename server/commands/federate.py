@@ -52,7 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="native mode: fedmri (Flower's SuperNode with a short poll and forked ClientApps, as `fedmri "
         "supernode`) or flower (stock flower-supernode)",
     )
-    parser.add_argument("--timeout", type=float, default=3600, help="give up on the run after this many seconds")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="give up on the run after this many seconds (default: rounds x 2 x round-timeout + 10 min, "
+        "since the server already bounds every round; an abandoned run keeps its checkpoints: --resume)",
+    )
     parser.add_argument(
         "--set",
         action="append",

@@ -534,7 +534,10 @@ class LocalFederation:
             tail = log_file.read_text(errors="replace")[-1500:]
             raise FederationError(f"flwr run could not start the run (exit code {proc.returncode}):\n{tail}")
         if timed_out.is_set():
-            raise FederationError(f"run {run_id} did not finish within {timeout:.0f}s")
+            raise FederationError(
+                f"run {run_id} did not finish within {timeout:.0f}s (--timeout); the rounds checkpointed so far "
+                "are kept: --resume with the same --run-name continues from the last one"
+            )
         # Any other end of the stream (even a killed `flwr run`) leaves the run to the SuperLink: the caller
         # follows the run log (server.federation.run) instead of calling a running federation failed.
         return run_id

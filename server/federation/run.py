@@ -25,7 +25,9 @@ from server.federation.launcher import FederationError, LocalFederation
 from shared.registry import resume_point
 from shared.runlog import RUN_LOG_NAME, default_run_name, read_run_log, round_records, run_dir_for
 
-__all__ = ["run_federation", "FederationResult", "MODES"]
+__all__ = ["run_federation", "run_timeout", "FederationResult", "MODES"]
+
+START_UP_S = 600.0  # Ray / SuperLink start-up and the first round's data caching, generously
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,13 @@ def _follow(log_path: Path, stop: threading.Event, on_record: Callable[[dict], N
         stop.wait(0.5)
 
 
+def run_timeout(cfg) -> float:
+    """Default deadline of a whole run: every round's train and evaluate messages may each wait the
+    run config's ``round-timeout`` (the ServerApp enforces that), plus start-up. A fixed hour would
+    end a healthy long federation (48 rounds of a larger network take ~80 min on 2 cores)."""
+    return cfg.num_server_rounds * 2 * cfg.round_timeout + START_UP_S
+
+
 def run_federation(
     data_dir: str | Path,
     out_dir: str | Path,
@@ -112,7 +121,7 @@ def run_federation(
     run_name: str | None = None,
     mode: str = "simulation",
     superlink: str | None = None,
-    timeout: float = 3600,
+    timeout: float | None = None,
     on_record: Callable[[dict], None] | None = None,
     echo: Callable[[str], None] | None = None,
     on_start: Callable[[LocalFederation], None] | None = None,
@@ -133,7 +142,8 @@ def run_federation(
             ``"native"`` (real SuperLink + one SuperNode process per site on 127.0.0.1).
         superlink: native mode only: submit to this existing SuperLink (``host:port``, insecure)
             instead of starting processes; its SuperNodes bring their own data.
-        timeout: seconds before the run is abandoned.
+        timeout: seconds before the run is abandoned (its checkpoints so far stay; ``--resume``
+            continues); ``None``: :func:`run_timeout` of the run config.
         on_record: called with each run-log record as it is written (progress display).
         echo: called with every line of Flower's streamed log.
         on_start: called with the ``LocalFederation`` once its processes are up (addresses,
@@ -177,6 +187,7 @@ def run_federation(
     if cfg.min_sites > len(site_names) and site_names:
         raise ValueError(f"run config 'min-sites' = {cfg.min_sites} but only {len(site_names)} site(s)")
     resume_point(out_dir / "registry", run_name, cfg.resume)  # a name already used needs resume: fail now
+    timeout = run_timeout(cfg) if timeout is None else timeout
     run_dir = run_dir_for(out_dir, run_name)
     log_path = run_dir / RUN_LOG_NAME
     run_dir.mkdir(parents=True, exist_ok=True)

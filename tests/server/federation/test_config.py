@@ -33,6 +33,16 @@ def test_defaults_parse_and_round_trip():
     assert RunConfig.from_run_config(cfg.to_run_config()) == cfg
 
 
+def test_default_run_deadline_follows_the_rounds_and_the_round_timeout():
+    from server.federation.run import START_UP_S, run_timeout
+
+    cfg = RunConfig.from_run_config({"num-server-rounds": 48, "round-timeout": 120.0})
+    assert run_timeout(cfg) == 48 * 2 * 120.0 + START_UP_S  # a round's train and evaluate wait at most that
+    assert run_timeout(RunConfig.from_run_config({"num-server-rounds": 96, "round-timeout": 120.0})) > run_timeout(cfg)
+    # the old fixed hour ended a healthy 48-round run (~97 s rounds) at round 37
+    assert run_timeout(RunConfig.from_run_config({"num-server-rounds": 48})) > 48 * 100
+
+
 def test_values_parse_to_typed_fields():
     cfg = RunConfig.from_run_config(
         {
