@@ -99,7 +99,8 @@ def render(result: dict) -> str:
         f"({result['federate_seconds'] / 60:.1f} min for {result['rounds']} rounds; median round "
         f"{result['median_round_s']:.0f} s). Scored with `fedmri report --k 0 --no-stops` on the held-out test "
         f"cases (metrics on each case's own label grid). Validation (training sites' held-out training cases, "
-        f"never test cases) selects round {result['selected_round']}.",
+        f"never test cases) selects round {result['selected_round']}." + (f" {result['note']}" if result.get("note")
+                                                                          else ""),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -130,6 +131,7 @@ def main() -> int:
     parser.add_argument("--score-rounds", default="12,24,36", help="also score these rounds' checkpoints")
     parser.add_argument("--extra", default=EXTRA, help="flags added to demo.sh's recipe")
     parser.add_argument("--reuse", action="store_true", help="score an existing run of --run-name")
+    parser.add_argument("--note", default="", help="what else to know about this run (kept in the files)")
     parser.add_argument("--out", default=str(OUT), help="writes budget.json and budget.md here")
     args = parser.parse_args()
 
@@ -173,6 +175,7 @@ def main() -> int:
         "load_after": [round(v, 2) for v in os.getloadavg()],
         "command": " ".join(["fedmri", *command[1:]]).replace(str(REPO) + "/", ""),
         "reused": args.reuse,
+        "note": args.note,
         "rounds": args.rounds,
         "federate_seconds": round(sum(seconds.values()), 1),
         "median_round_s": round_s[len(round_s) // 2] if round_s else None,
