@@ -71,8 +71,11 @@ def test_readme_block_is_rewritten_between_markers_only(run, tmp_path):
     text = readme.read_text()
     assert text.startswith("# title\n\nbefore\n") and text.endswith("\nafter\n")
     assert "old table" not in text and "| `fixed_over_read_1mm` | 2.4 | <= 2 | **missed** |" in text
-    assert "3.0->2.0" in text
+    assert "api 3.0->2.0" in text and "earlier invocation" not in text
     assert run.update_readme(summary, readme) and readme.read_text() == text  # idempotent
+    summary["steps"]["inference"] = {"load_average_before": [1.0], "load_average_after": [1.5],
+                                      "from_earlier_invocation": True}
+    assert "inference from an earlier invocation" in run.readme_block(summary)  # `--only api` said so
     plain = tmp_path / "plain.md"
     plain.write_text("no markers\n")
     assert not run.update_readme(summary, plain) and plain.read_text() == "no markers\n"
