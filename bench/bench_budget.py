@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -99,8 +100,7 @@ def render(result: dict) -> str:
         f"({result['federate_seconds'] / 60:.1f} min for {result['rounds']} rounds; median round "
         f"{result['median_round_s']:.0f} s). Scored with `fedmri report --k 0 --no-stops` on the held-out test "
         f"cases (metrics on each case's own label grid). Validation (training sites' held-out training cases, "
-        f"never test cases) selects round {result['selected_round']}." + (f" {result['note']}" if result.get("note")
-                                                                          else ""),
+        f"never test cases) selects round {result['selected_round']}. {result.get('note', '')}".rstrip(),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -167,7 +167,6 @@ def main() -> int:
                      for r in range(1, rnd + 1)), 1), "scores": scores, "met": met(scores)})
         print(f"round {rnd}: " + json.dumps({k: v["tissue"] for k, v in scores["sites"].items()})
               + f" lesion {scores['lesion_dice']} flagged {scores['flagged']}", flush=True)
-    round_s = sorted(seconds.values())
     result = {
         "date": started + "-" + time.strftime("%H:%M UTC", time.gmtime()),
         "cpus": os.cpu_count(),
@@ -178,7 +177,7 @@ def main() -> int:
         "note": args.note,
         "rounds": args.rounds,
         "federate_seconds": round(sum(seconds.values()), 1),
-        "median_round_s": round_s[len(round_s) // 2] if round_s else None,
+        "median_round_s": statistics.median(seconds.values()) if seconds else None,
         "selected_round": selected_round,
         "goals": GOALS,
         "rows": rows,

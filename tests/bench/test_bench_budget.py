@@ -1,7 +1,6 @@
 """bench/bench_budget.py: demo.sh's recipe with more rounds, a reused run checked against it, the table."""
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +9,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 @pytest.fixture(scope="module")
-def budget():
-    sys.path.insert(0, str(BENCH))
+def budget():  # importing it puts bench/ on sys.path (bench_federation below)
     spec = importlib.util.spec_from_file_location("bench_budget", BENCH / "bench_budget.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
