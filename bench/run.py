@@ -10,14 +10,19 @@ Runs, one after the other in their own processes (so one's memory does not weigh
   work too, which ``round_over_bare`` reports), simulation scaling in sites
   (3/10/30/100; ``--quick``: 3/10) with peak RSS of all processes;
 
-then reads ``soak.json`` (``bench/bench_soak.py``), ``native.json`` (``bench/bench_native.py``) and
-``compose.json`` (``bench/bench_compose.py``, needs root and Docker) where those exist, and writes
-the figures with the machine's load average before and after every step. The README's benchmark
+* ``bench/bench_soak.py``: the API under 8 concurrent clients mixing good and bad uploads (p95);
+* ``bench/bench_native.py`` (full run only): native SuperLink/SuperNode rounds vs the simulation on the
+  demo sites of ``data/`` (generated there first when it holds none);
+
+then reads ``compose.json`` (``bench/bench_compose.py``, needs root and Docker: not a step; its date
+goes into the README line) where it exists, and writes the figures with the machine's load average
+before and after every step. The README's benchmark
 table between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` is rewritten from ``summary.json``
 (``--readme-only`` does just that).
 
-``--quick`` (<= 5 min on an idle 2-core machine): 2 repeats, no concurrency run, 3/10 sites,
-per-benchmark files in ``bench/results/quick/``; the full run writes them in ``bench/results/``.
+``--quick`` (<= 5 min on an idle 2-core machine): 2 repeats, no concurrency run, 3/10 sites, a
+shorter soak, no native run (its figure read from ``bench/results/native.json``), per-benchmark files
+in ``bench/results/quick/``; the full run writes them in ``bench/results/``.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ def _read(path: Path) -> dict | None:
 def steps(quick: bool, out: Path, scale: str | None = None) -> dict[str, list[str]]:
     py = sys.executable
     q = ["--quick"] if quick else []
-    return {
+    found = {
         "inference": [py, str(BENCH / "bench_inference.py"), "--out", str(out), *q],
         "api": [py, str(BENCH / "bench_api.py"), "--out", str(out), "--configs",
                 "default" if quick else "default,bigger", *q],
@@ -82,7 +87,13 @@ def steps(quick: bool, out: Path, scale: str | None = None) -> dict[str, list[st
                        "--scale", scale or ("3,10" if quick else "3,10,30,100"),
                        "--rounds", "2" if quick else "5", "--epochs", "2" if quick else "8",
                        "--demo-rounds", "0" if quick else "3"],
+        "soak": [py, str(BENCH / "bench_soak.py"), "--out", str(out), "--max-seconds", "300",
+                 *(["--requests", "96", "--warmup", "16"] if quick else [])],
     }
+    if not quick:
+        found["native"] = [py, str(BENCH / "bench_native.py"), "--out", str(out / "native"),
+                           "--data", str(REPO / "data")]
+    return found
 
 
 def run_step(name: str, command: list[str], timeout: float) -> dict:
@@ -123,11 +134,18 @@ def _steady_round(run: dict) -> float | None:
 
 
 def summarize(out: Path, records: dict | None = None, quick: bool = False, results: Path = RESULTS) -> dict:
-    """The summary from the per-benchmark files in ``out`` (and soak/native in ``results``)."""
+    """The summary from the per-benchmark files in ``out`` (soak and native: ``results``'s where ``out`` has
+    none, e.g. native in a ``--quick`` run; compose: always ``results``'s)."""
     inference, api, federation = (_read(out / f"{n}.json") for n in ("inference", "api", "federation"))
-    soak, native, compose = (_read(results / f"{n}.json") for n in ("soak", "native", "compose"))
     values: dict[str, float | int | None] = dict.fromkeys(GOALS)
     extra: dict = {}
+    files = {name: _read(out / f"{name}.json") for name in ("soak", "native")}
+    for name in ("soak", "native", "compose"):
+        if files.get(name) is None:  # not measured by this invocation (compose never is): the older file, dated
+            files[name] = _read(results / f"{name}.json")
+            if files[name] is not None:
+                extra[f"{name}_measured"] = files[name].get("when") or files[name].get("date")
+    soak, native, compose = files["soak"], files["native"], files["compose"]
     large, demo = _model(inference, "large_1mm"), _model(inference, "demo")
     if large:
         values["forward_over_floor_1mm"] = large["forward_over_floor"]
@@ -194,6 +212,10 @@ def readme_block(summary: dict) -> str:
     earlier = [name for name, s in steps.items() if s.get("from_earlier_invocation")]
     if earlier:  # `--only`: say which figures this date does not cover
         when += f"; {', '.join(earlier)} from an earlier invocation (dates in their files)"
+    older = [f"{name} at {date}" for name in ("soak", "native", "compose")  # compose needs root and Docker
+             if (date := summary.get("details", {}).get(f"{name}_measured"))]
+    if older:
+        when += f"; read from earlier files: {', '.join(older)}"
     lines = [
         START,
         f"Generated by `python bench/run.py` from `bench/results/summary.json` ({when}, {summary['cpus']} CPUs; "
@@ -225,7 +247,8 @@ def update_readme(summary: dict, path: Path = README) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="<= 5 min: fewer repeats, 3/10 sites")
-    parser.add_argument("--only", default="", help="comma-separated steps to run (inference,api,federation)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated steps to run (inference,api,federation,soak,native)")
     parser.add_argument("--scale", default=None, help="site counts of the simulation scaling (default 3,10 quick, "
                         "else 3,10,30,100)")
     parser.add_argument("--readme-only", action="store_true", help="rewrite the README block from summary.json")
@@ -242,8 +265,8 @@ def main() -> int:
     wanted = {s for s in args.only.split(",") if s}
     before = loadavg()
     records = {}
-    budget = {"inference": 900, "api": 900, "federation": 900} if args.quick else \
-        {"inference": 1200, "api": 1200, "federation": 3600}
+    budget = {"inference": 900, "api": 900, "federation": 900, "soak": 600} if args.quick else \
+        {"inference": 1200, "api": 1200, "federation": 3600, "soak": 600, "native": 1200}
     if args.scale:  # more sites than the default: give the simulation the time it needs
         budget["federation"] = max(budget["federation"], 2400)
     for name, command in steps(args.quick, out, args.scale).items():

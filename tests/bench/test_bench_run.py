@@ -83,9 +83,26 @@ def test_readme_block_is_rewritten_between_markers_only(run, tmp_path):
 
 def test_quick_steps_are_smaller(run, tmp_path):
     quick, full = run.steps(True, tmp_path), run.steps(False, tmp_path)
-    assert set(quick) == set(full) == {"inference", "api", "federation"}
+    assert set(quick) == {"inference", "api", "federation", "soak"} and set(full) == set(quick) | {"native"}
     assert "3,10" in quick["federation"] and "3,10,30,100" in full["federation"]
     assert "--quick" in quick["inference"] and "--quick" not in full["inference"]
+    assert "--requests" in quick["soak"] and "--requests" not in full["soak"]
+    assert full["native"][full["native"].index("--out") + 1] == str(tmp_path / "native")
+
+
+def test_figures_not_measured_by_this_invocation_are_dated(run, tmp_path):
+    results, quick = tmp_path, tmp_path / "quick"
+    quick.mkdir()
+    write_results(quick)
+    (quick / "soak.json").write_text(json.dumps({"soak_p95_s": 0.4, "date": "now"}))
+    (results / "soak.json").write_text(json.dumps({"soak_p95_s": 0.9, "date": "2026-01-01 00:00 UTC"}))
+    (results / "native.json").write_text(json.dumps({"native_round_over_sim": 1.2, "when": "2026-01-02 00:00 UTC"}))
+    (results / "compose.json").write_text(json.dumps({"compose_round_over_sim": 1.4, "when": "2026-01-03 00:00 UTC"}))
+    summary = run.summarize(quick, records={}, quick=True, results=results)
+    assert summary["soak_p95_s"] == 0.4 and "soak_measured" not in summary["details"]  # this run's, not the older
+    assert (summary["native_round_over_sim"], summary["compose_round_over_sim"]) == (1.2, 1.4)
+    line = run.readme_block(summary).splitlines()[1]
+    assert "native at 2026-01-02 00:00 UTC, compose at 2026-01-03 00:00 UTC" in line and "soak at" not in line
 
 
 def test_round_over_bare_is_the_demo_work_where_it_was_measured(run, tmp_path):
