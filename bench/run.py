@@ -86,7 +86,7 @@ def steps(quick: bool, out: Path, scale: str | None = None) -> dict[str, list[st
         "federation": [py, str(BENCH / "bench_federation.py"), "--out", str(out),
                        "--scale", scale or ("3,10" if quick else "3,10,30,100"),
                        "--rounds", "2" if quick else "5", "--epochs", "2" if quick else "8",
-                       "--demo-rounds", "0" if quick else "3"],
+                       "--demo-rounds", "0" if quick else "5"],
         "soak": [py, str(BENCH / "bench_soak.py"), "--out", str(out), "--max-seconds", "300",
                  *(["--requests", "96", "--warmup", "16"] if quick else [])],
     }

@@ -34,7 +34,7 @@ class ApiSettings(BaseSettings):
         model_cache_size: model versions kept in memory at once.
         sw_overlap: overlap of the sliding windows.
         sw_batch_size: windows per forward pass (default: as many as ``shared.inferer.WINDOW_PASS_VOXELS``
-            allows, spread evenly; identical labels, fewer oneDNN calls).
+            allows for the backend, spread evenly; identical labels, measured fastest).
         inference_precision: ``fp32`` (MONAI's result), ``bf16`` (first conv float32) or ``auto``
             (bf16 where the processor has it natively); see ``shared.inferer``.
         heap_retain_mib: freed heap memory (MiB of RSS above the lowest level after a trim) kept for the next
