@@ -17,7 +17,8 @@ gaussian blending, replicate padding so no zero enters before the first instance
   (2 x 64^3 voxels: the demo model's twelve 64^3 windows in passes of 2 took 0.099 s against 0.158 s in
   one pass of 12, the large model's 27 windows of 96^3 one per pass 1.40 s against 2.00 s at 4 per pass;
   2 threads, 2026-11-25, medians of 5 and 3 interleaved runs), OpenVINO and ONNX Runtime on large ones
-  (demo: 0.099 s in one pass of 12 against 0.117 s in passes of 2);
+  (demo: 0.099 s in one pass of 12 against 0.117 s in passes of 2), and so does torch on a GPU (not
+  measured: no GPU here);
 * ``window``: windows larger than the training crop (instance norm is per window, so a window is
   never smaller than the crop the network was trained on); fewer windows, less overlap work;
 * ``backend="openvino"`` (optional: ``pip install .[openvino]``): the windows run through the network
@@ -67,7 +68,9 @@ BACKENDS = ("torch", "openvino", "onnxruntime")
 EXPORTED_BACKENDS = ("openvino", "onnxruntime")  # float32 runtimes fed a converted network
 # Voxels of windows run through the network in one forward pass when ``sw_batch_size`` is None, per
 # backend (measured: see the module's docstring; torch's activations stay in cache on small passes).
-WINDOW_PASS_VOXELS = {"torch": 2 * 64**3, "openvino": 16 * 64**3, "onnxruntime": 16 * 64**3}
+# "cuda": torch on a GPU, which wants large passes (not measured here, no GPU on this machine kind: the old
+# default, about what a MONAI bundle's sw_batch_size of 4 windows of 96^3 runs).
+WINDOW_PASS_VOXELS = {"torch": 2 * 64**3, "cuda": 16 * 64**3, "openvino": 16 * 64**3, "onnxruntime": 16 * 64**3}
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
@@ -202,7 +205,8 @@ def window_plan(image_shape, window, overlap: float = 0.25) -> WindowPlan:
 
 
 def windows_per_pass(n_windows: int, window, backend: str = "torch") -> int:
-    """Windows per forward pass: at most ``WINDOW_PASS_VOXELS[backend]`` voxels (at least one window),
+    """Windows per forward pass: at most ``WINDOW_PASS_VOXELS[backend]`` voxels (at least one window;
+    ``backend``: a key of that table),
     the ``n_windows`` spread evenly over the passes (torch: 12 windows of 64^3 in passes of 2, 27 of 96^3
     one at a time; OpenVINO: 12 of 64^3 in one pass, 27 of 96^3 in seven passes of 4 (at most), 17 of
     64^3 in two passes of 9, not 16 + 1)."""
@@ -406,8 +410,8 @@ class SlidingWindowPredictor:
 
         x = image if image.ndim == 5 else image.unsqueeze(0)
         x = torch.as_tensor(x).to(device=self.device, dtype=torch.float32)
-        batch = self.options.sw_batch_size or windows_per_pass(self.plan(x.shape[2:]).windows, self.window,
-                                                               self.options.backend)
+        budget = "cuda" if self.device.type == "cuda" else self.options.backend
+        batch = self.options.sw_batch_size or windows_per_pass(self.plan(x.shape[2:]).windows, self.window, budget)
         with torch.inference_mode():
             out = sliding_window_inference(
                 x,

@@ -134,12 +134,13 @@ def test_windows_per_pass_fills_the_budget_evenly():
     from shared.inferer import WINDOW_PASS_VOXELS, windows_per_pass
 
     # torch: small passes (its activations stay in cache); the exported runtimes: large ones
-    assert WINDOW_PASS_VOXELS == {"torch": 2 * 64**3, "openvino": 16 * 64**3, "onnxruntime": 16 * 64**3}
+    assert WINDOW_PASS_VOXELS == {"torch": 2 * 64**3, "cuda": 16 * 64**3, "openvino": 16 * 64**3,
+                                  "onnxruntime": 16 * 64**3}
     assert windows_per_pass(12, (64, 64, 64)) == 2
     assert windows_per_pass(27, (96, 96, 96)) == 1
     assert windows_per_pass(12, (64, 64, 64), "openvino") == 12
     assert windows_per_pass(17, (64, 64, 64), "openvino") == 9  # two passes of 9, not 16 + 1
-    assert windows_per_pass(27, (96, 96, 96), "onnxruntime") == 4
+    assert windows_per_pass(27, (96, 96, 96), "onnxruntime") == windows_per_pass(27, (96, 96, 96), "cuda") == 4
     assert windows_per_pass(5, (32, 32, 32)) == 5  # 16 fit: one pass
     assert windows_per_pass(1, (64, 64, 64)) == 1
     assert windows_per_pass(5, (512, 512, 512)) == 1  # one window over the budget still runs
