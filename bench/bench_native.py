@@ -243,12 +243,9 @@ def demo_sites(data: Path) -> list[str]:
     --out data`` writes them) when it holds none, so ``bench/run.py`` runs on a fresh checkout."""
     from shared.synth import generate_sites
 
-    def found() -> list[str]:
-        return sorted(p.name for p in data.iterdir() if (p / "imagesTr").is_dir()) if data.is_dir() else []
-
-    if not found():
+    if not any((p / "imagesTr").is_dir() for p in data.glob("*")):  # glob: nothing when data does not exist
         generate_sites(data)
-    return found()
+    return sorted(p.name for p in data.iterdir() if (p / "imagesTr").is_dir())
 
 
 def main() -> None:
